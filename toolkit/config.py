@@ -1,0 +1,251 @@
+"""The run config: typed dataclasses loaded from YAML plus dotted `key=value` overrides.
+
+The key names are the toolkit's public surface. Loading validates everything up front so a bad
+config fails before any process group, model or data is touched. This module imports nothing
+from the package (DESIGN section 2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+class UserError(Exception):
+    """Bad input: the message names the problem and the fix. CLIs print it as one line, exit 2."""
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = "tiny-opt"
+    """Hub id (facebook/opt-125m), local HF directory, or preset (tiny-opt, random-opt-125m, ...)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward: less memory, about a third more compute."""
+    dropout: float | None = None
+    """Override the model's dropout (None keeps the model's own)."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) for hub models."""
+
+
+@dataclass
+class DataConfig:
+    train: str = ""
+    """Local .txt/.jsonl/.json/.csv/.parquet file, or a hub dataset as `name` or `name:config`."""
+    eval: str | None = None
+    """Held-out data, same forms as `train`; None splits `eval_fraction` off the training data."""
+    eval_fraction: float = 0.05
+    """Share of training documents held out (deterministic by seed) when `eval` is not given."""
+    split: str = "train"
+    """Split to read from a hub dataset (the held-out one uses `eval_split` when `eval` is a hub name)."""
+    eval_split: str = "validation"
+    block_size: int = 128
+    """Tokens per training sequence (text: packed block length; sft: maximum length)."""
+    format: str = "auto"
+    """auto | text (`text` field, packed) | sft (`prompt`/`response` fields, prompt masked)."""
+    text_field: str = "text"
+    prompt_field: str = "prompt"
+    response_field: str = "response"
+
+
+@dataclass
+class TrainConfig:
+    micro_batch_size: int = 8
+    """Sequences per process per forward pass."""
+    grad_accum_steps: int = 1
+    """Micro-batches per optimizer step on each process."""
+    max_steps: int = 0
+    """Optimizer steps to run; 0 means `epochs` passes over the training data."""
+    epochs: float = 1.0
+    seed: int = 42
+    log_every: int = 1
+    """Log every N optimizer steps (metrics.jsonl and trackers)."""
+    report_to: str = "none"
+    """Extra tracker for accelerate: none | tensorboard | wandb | all."""
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"
+    """adamw | adamw_8bit | paged_adamw_8bit | deepspeed (the optimizer the DeepSpeed JSON defines)."""
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    scheduler: str = "cosine"
+    """linear | cosine | constant (all with warmup), via transformers.get_scheduler."""
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this; 0 turns clipping off (the norm is still logged)."""
+
+
+@dataclass
+class EvalConfig:
+    every: int = 0
+    """Evaluate on held-out data every N optimizer steps (0: off) and at the end of training."""
+    micro_batch_size: int = 8
+    max_batches: int = 0
+    """Cap evaluation at N batches per process (0: the whole held-out set)."""
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0
+    """Save a resumable checkpoint every N optimizer steps (0: off)."""
+    keep_last: int = 2
+    """Keep only the newest N checkpoints (0: keep all)."""
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = False
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    merge: bool = False
+    """Also write `final/merged/`, a full model with the adapter folded in."""
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    resume: str = "none"
+    """none | auto (newest checkpoint in output_dir, if any) | PATH to a checkpoint directory."""
+    output_dir: str = "runs/default"
+    runtime: dict = field(default_factory=dict)
+    """Written by the toolkit, not read: what actually ran (processes, strategy, versions...)."""
+
+
+CHOICES = {
+    "data.format": ("auto", "text", "sft"),
+    "optim.name": ("adamw", "adamw_8bit", "paged_adamw_8bit", "deepspeed"),
+    "optim.scheduler": ("linear", "cosine", "constant"),
+    "train.report_to": ("none", "tensorboard", "wandb", "all"),
+}
+POSITIVE = ("data.block_size", "train.micro_batch_size", "train.grad_accum_steps", "train.log_every",
+            "eval.micro_batch_size", "lora.r", "lora.alpha", "optim.lr")
+NON_NEGATIVE = ("train.max_steps", "train.epochs", "optim.weight_decay", "optim.warmup_steps",
+                "optim.max_grad_norm", "eval.every", "eval.max_batches", "checkpoint.every",
+                "checkpoint.keep_last", "lora.dropout")
+
+
+def load(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    """Read a YAML run config (or start from defaults), apply `a.b=value` overrides, validate."""
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"config file {path} does not exist: pass an existing YAML file to --config")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark else ""
+            raise UserError(f"config file {path} is not valid YAML{where}: fix the syntax") from None
+        if not isinstance(raw, dict):
+            raise UserError(f"config file {path} must hold a mapping of sections, not {type(raw).__name__}")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"override {item!r} is not key=value: write it like train.max_steps=100")
+        node = raw
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise UserError(f"override {item!r}: {part} is not a section")
+        node[leaf] = yaml.safe_load(value) if value != "" else None
+    cfg = _build(RunConfig, raw, "")
+    validate(cfg)
+    return cfg
+
+
+def _build(cls, raw, prefix: str):
+    if not isinstance(raw, dict):
+        raise UserError(f"{prefix.rstrip('.') or 'config'} must be a mapping of keys, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean {prefix}{close[0]}?)" if close else f"; valid keys: {', '.join(names)}"
+            raise UserError(f"unknown config key {prefix}{key}{hint}")
+        kwargs[key] = _coerce(hints[key], value, f"{prefix}{key}")
+    return cls(**kwargs)
+
+
+def _coerce(hint, value, key: str):
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value or {}, key + ".")
+    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    if value is None:
+        if type(None) in options:
+            return None
+        raise UserError(f"{key} needs a value, got nothing")
+    for option in options:
+        if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if option is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if option in (str, bool, dict) and isinstance(value, option):
+            return value
+        if typing.get_origin(option) is list:
+            if isinstance(value, str):  # `lora.target_modules=q_proj,v_proj` on the command line
+                value = [v for v in value.split(",") if v]
+            if isinstance(value, list) and all(isinstance(v, str) for v in value):
+                return value
+    wanted = " or ".join(getattr(o, "__name__", str(o)) for o in options if o is not type(None))
+    raise UserError(f"{key} must be {wanted}, got {value!r}")
+
+
+def get(cfg: RunConfig, dotted: str):
+    obj = cfg
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def validate(cfg: RunConfig) -> None:
+    for key, allowed in CHOICES.items():
+        if get(cfg, key) not in allowed:
+            raise UserError(f"{key} must be one of {', '.join(allowed)}, got {get(cfg, key)!r}")
+    for key in POSITIVE:
+        if not get(cfg, key) > 0:
+            raise UserError(f"{key} must be > 0, got {get(cfg, key)!r}")
+    for key in NON_NEGATIVE:
+        if get(cfg, key) < 0:
+            raise UserError(f"{key} must be >= 0, got {get(cfg, key)!r}")
+    if not cfg.data.train:
+        raise UserError("data.train is not set: give a training file or hub dataset, e.g. data.train=data/train.jsonl")
+    if cfg.train.max_steps == 0 and cfg.train.epochs == 0:
+        raise UserError("train.max_steps and train.epochs are both 0: set one of them")
+    if not 0 < cfg.data.eval_fraction < 1:
+        raise UserError(f"data.eval_fraction must be between 0 and 1, got {cfg.data.eval_fraction}")
+    if cfg.lora.dropout >= 1 or (cfg.model.dropout is not None and not 0 <= cfg.model.dropout < 1):
+        raise UserError("dropout must be in [0, 1)")
+    if cfg.lora.merge and not cfg.lora.enabled:
+        raise UserError("lora.merge=true needs lora.enabled=true")
+    if cfg.lora.enabled and not cfg.lora.target_modules:
+        raise UserError("lora.target_modules is empty: name the modules to adapt, e.g. q_proj,v_proj")
+
+
+def to_dict(cfg: RunConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save(cfg: RunConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -1,0 +1,194 @@
+"""Data: load (local files or hub) -> tokenize -> pack (text) or mask prompts (sft) -> batches.
+
+Everything goes through `datasets` so tokenization is batched and cached on disk: the main
+process tokenizes first (`accelerator.main_process_first()` in train.py) and the other ranks
+read its cache.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import datasets
+import torch
+from torch.utils.data import DataLoader
+
+from .config import DataConfig, UserError
+from .demo_data import load_builtin
+
+LOADERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+IGNORE = -100  # label value the loss skips (prompt tokens, padding)
+
+
+def load_source(source: str, split: str = "train") -> datasets.Dataset:
+    """A local data file by extension, `builtin:NAME` (demo_data.py), or a hub dataset `name[:config]`."""
+    path = Path(source)
+    try:
+        if source.startswith("builtin:"):
+            ds = load_builtin(source.removeprefix("builtin:"))
+        elif path.suffix in LOADERS:
+            if not path.is_file():
+                raise UserError(f"data file {source} does not exist: check the path")
+            # .txt: one document per paragraph (blank-line separated), the way plain text corpora are written.
+            extra = {"sample_by": "paragraph"} if path.suffix == ".txt" else {}
+            ds = datasets.load_dataset(LOADERS[path.suffix], data_files=str(path), split="train", **extra)
+        elif path.exists():
+            raise UserError(f"data {source}: unsupported file type; use one of {', '.join(LOADERS)}")
+        else:
+            name, _, config = source.partition(":")
+            ds = datasets.load_dataset(name, config or None, split=split)
+    except UserError:
+        raise
+    except Exception as e:  # datasets raises many types for unreadable files and unknown hub names
+        raise UserError(f"cannot read data {source}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                        ) from None
+    if len(ds) == 0:
+        raise UserError(f"data {source} is empty: give a file with at least one document")
+    return ds
+
+
+def load_raw(cfg: DataConfig, seed: int) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """(train, held-out) raw documents; held-out is `cfg.eval` or a seeded split of `cfg.train`."""
+    train = load_source(cfg.train, cfg.split)
+    if cfg.eval:
+        return train, load_source(cfg.eval, cfg.eval_split)
+    if len(train) < 2:
+        raise UserError(f"data {cfg.train} has one document; give data.eval or more documents to hold some out")
+    parts = train.train_test_split(test_size=max(1, round(len(train) * cfg.eval_fraction)), seed=seed)
+    return parts["train"], parts["test"]
+
+
+def detect_format(ds: datasets.Dataset, cfg: DataConfig) -> str:
+    columns = set(ds.column_names)
+    sft = {cfg.prompt_field, cfg.response_field} <= columns
+    text = cfg.text_field in columns
+    fmt = cfg.format if cfg.format != "auto" else "sft" if sft else "text" if text else None
+    if fmt is None or (fmt == "sft" and not sft) or (fmt == "text" and not text):
+        raise UserError(f"data has columns {sorted(columns)}; data.format={cfg.format} needs "
+                        f"'{cfg.text_field}' (text) or '{cfg.prompt_field}'+'{cfg.response_field}' (sft): "
+                        "rename the columns or set data.text_field / data.prompt_field / data.response_field")
+    return fmt
+
+
+def check_block_size(block_size: int, max_positions: int) -> None:
+    if block_size > max_positions:
+        raise UserError(f"data.block_size={block_size} is longer than the model allows ({max_positions} positions): "
+                        f"set data.block_size<={max_positions}")
+
+
+def tokenize_for_training(ds: datasets.Dataset, tokenizer, cfg: DataConfig, fmt: str) -> datasets.Dataset:
+    """Text: documents tokenized, concatenated and cut into `block_size` blocks (the tail that does
+    not fill a block is dropped). SFT: prompt+response per example, prompt labels masked."""
+    if fmt == "text":
+        ids = ds.map(lambda b: {"input_ids": tokenizer(b[cfg.text_field])["input_ids"]}, batched=True,
+                     remove_columns=ds.column_names, desc="tokenize")
+        blocks = ids.map(_pack, batched=True, fn_kwargs={"block_size": cfg.block_size}, desc="pack")
+    else:
+        blocks = ds.map(_sft_example, batched=True, remove_columns=ds.column_names, desc="tokenize sft",
+                        fn_kwargs={"tokenizer": tokenizer, "cfg": cfg})
+    if len(blocks) == 0:
+        raise UserError(f"data yields no training sequences of data.block_size={cfg.block_size}: "
+                        "give more text or lower data.block_size")
+    return blocks
+
+
+def _pack(batch, block_size: int):
+    stream = [t for ids in batch["input_ids"] for t in ids]
+    usable = len(stream) - len(stream) % block_size
+    return {"input_ids": [stream[i:i + block_size] for i in range(0, usable, block_size)]}
+
+
+def _sft_example(batch, tokenizer, cfg: DataConfig):
+    out = {"input_ids": [], "labels": []}
+    for ids, labels, _ in _sft_tokens(batch, tokenizer, cfg, cfg.block_size):
+        out["input_ids"].append(ids)
+        out["labels"].append(labels)
+    return out
+
+
+def _sft_tokens(batch, tokenizer, cfg: DataConfig, max_length: int):
+    """(input_ids, labels, response) per example: prompt tokens masked, EOS ends the response,
+    cut at `max_length`. An example whose prompt fills the window teaches nothing and is dropped."""
+    prompts = tokenizer(batch[cfg.prompt_field])["input_ids"]
+    responses = tokenizer(batch[cfg.response_field], add_special_tokens=False)["input_ids"]
+    for prompt, response, text in zip(prompts, responses, batch[cfg.response_field]):
+        response = response + [tokenizer.eos_token_id]
+        ids = (prompt + response)[:max_length]
+        labels = ([IGNORE] * len(prompt) + response)[:max_length]
+        if any(label != IGNORE for label in labels[1:]):
+            yield ids, labels, text
+
+
+def tokenize_for_eval(ds: datasets.Dataset, tokenizer, cfg: DataConfig, fmt: str, max_length: int,
+                      stride: int | None = None) -> datasets.Dataset:
+    """Each document scored on its own, in its own encoding (`tokenizer(text)`).
+
+    Text documents longer than `max_length` are cut into overlapping windows that roll over the
+    document (as lm-evaluation-harness and the transformers perplexity guide do): every token is
+    predicted exactly once, with up to `max_length - stride` tokens of context from the window
+    before. `n_bytes` and `documents` sit on a document's first window only so sums count each once.
+    SFT examples are scored on their response tokens, like training."""
+    stride = stride or max(1, max_length // 2)
+    def fn(batch):
+        out = {"input_ids": [], "labels": [], "n_bytes": [], "documents": []}
+        if fmt == "sft":
+            for ids, labels, response in _sft_tokens(batch, tokenizer, cfg, max_length):
+                out["input_ids"].append(ids)
+                out["labels"].append(labels)
+                out["n_bytes"].append(len(response.encode()))
+                out["documents"].append(1)
+        else:
+            for text, ids in zip(batch[cfg.text_field], tokenizer(batch[cfg.text_field])["input_ids"]):
+                for i, (window, labels) in enumerate(rolling_windows(ids, max_length, stride)):
+                    out["input_ids"].append(window)
+                    out["labels"].append(labels)
+                    out["n_bytes"].append(len(text.encode()) if i == 0 else 0)
+                    out["documents"].append(1 if i == 0 else 0)
+        return out
+    windows = ds.map(fn, batched=True, remove_columns=ds.column_names, desc="tokenize held-out")
+    if len(windows) == 0:
+        raise UserError("held-out data has no scorable tokens: give documents with at least two tokens")
+    return windows
+
+
+def rolling_windows(ids: list[int], max_length: int, stride: int):
+    """Yield (input_ids, labels) windows that predict each of ids[1:] exactly once."""
+    scored = 1  # ids[0] (BOS) has no prediction
+    while scored < len(ids):
+        end = min(len(ids), scored + (max_length - 1 if scored == 1 else stride))
+        start = max(0, end - max_length)
+        window = ids[start:end]
+        labels = [IGNORE] * (scored - start) + window[scored - start:]
+        yield window, labels
+        scored = end
+
+
+class Collator:
+    """Pads a list of examples to the longest one; labels default to input_ids, padding is ignored."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        length = max(len(e["input_ids"]) for e in examples)
+        batch = {"input_ids": [], "attention_mask": [], "labels": []}
+        for e in examples:
+            ids, pad = e["input_ids"], length - len(e["input_ids"])
+            batch["input_ids"].append(ids + [self.pad_token_id] * pad)
+            batch["attention_mask"].append([1] * len(ids) + [0] * pad)
+            batch["labels"].append(list(e.get("labels", ids)) + [IGNORE] * pad)
+        out = {k: torch.tensor(v) for k, v in batch.items()}
+        for key in examples[0].keys() - out.keys():  # per-example counts for evaluation (n_bytes, ...)
+            out[key] = torch.tensor([e[key] for e in examples])
+        return out
+
+
+def train_dataloader(ds: datasets.Dataset, micro_batch_size: int, pad_token_id: int) -> DataLoader:
+    # Shuffling order comes from accelerate's seedable sampler (seed + epoch), the same on every
+    # rank and after a resume; drop_last keeps every optimizer step the same size.
+    return DataLoader(ds, batch_size=micro_batch_size, shuffle=True, drop_last=True,
+                      collate_fn=Collator(pad_token_id))
+
+
+def eval_dataloader(ds: datasets.Dataset, micro_batch_size: int, pad_token_id: int) -> DataLoader:
+    return DataLoader(ds, batch_size=micro_batch_size, shuffle=False, collate_fn=Collator(pad_token_id))

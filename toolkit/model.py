@@ -1,0 +1,122 @@
+"""Builders for the tokenizer and the OPT model: hub id, local HF directory, or a built-in preset.
+
+Presets are random-init OPT models: `tiny-opt` for tests and the demo, `random-opt-*` with the
+real OPT dimensions for benchmarks. They get a byte-level BPE tokenizer trained locally on the
+training text, with OPT's conventions (`</s>` is BOS and EOS, `<pad>` pads).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoTokenizer, OPTConfig, OPTForCausalLM, PreTrainedTokenizerFast
+
+from .config import LoraConfig, ModelConfig, UserError
+
+# The real OPT shapes (from the published configs); vocab 50272 and 2048 positions throughout.
+_REAL = dict(vocab_size=50272, max_position_embeddings=2048)
+PRESETS: dict[str, dict] = {
+    "tiny-opt": dict(vocab_size=2048, max_position_embeddings=512, hidden_size=64, num_hidden_layers=2,
+                     num_attention_heads=4, ffn_dim=256, word_embed_proj_dim=64, dropout=0.0,
+                     attention_dropout=0.0),
+    "random-opt-125m": dict(_REAL, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, ffn_dim=3072,
+                            word_embed_proj_dim=768),
+    "random-opt-350m": dict(_REAL, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, ffn_dim=4096,
+                            word_embed_proj_dim=512, do_layer_norm_before=False),
+    "random-opt-1.3b": dict(_REAL, hidden_size=2048, num_hidden_layers=24, num_attention_heads=32, ffn_dim=8192,
+                            word_embed_proj_dim=2048),
+    "random-opt-2.7b": dict(_REAL, hidden_size=2560, num_hidden_layers=32, num_attention_heads=32, ffn_dim=10240,
+                            word_embed_proj_dim=2560),
+    "random-opt-6.7b": dict(_REAL, hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, ffn_dim=16384,
+                            word_embed_proj_dim=4096),
+}
+SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>"]  # OPT's ids 0..3
+
+
+def is_preset(name: str) -> bool:
+    return name in PRESETS
+
+
+def build_tokenizer(cfg: ModelConfig, texts: Iterable[str] | None = None, cache_dir: str | Path | None = None):
+    """The run's tokenizer. Presets train one on `texts` and keep it in `cache_dir`, so every rank,
+    a resumed run and the exported model all use the very same tokenizer."""
+    if not is_preset(cfg.name_or_path):
+        try:
+            return AutoTokenizer.from_pretrained(cfg.name_or_path, revision=cfg.revision)
+        except OSError as e:
+            raise UserError(f"cannot load a tokenizer from {cfg.name_or_path!r}: {str(e).splitlines()[0]}") from None
+    if cache_dir is not None and (Path(cache_dir) / "tokenizer.json").is_file():
+        return AutoTokenizer.from_pretrained(cache_dir)
+    if texts is None:
+        raise UserError(f"preset {cfg.name_or_path} needs training text to build its tokenizer")
+    tokenizer = train_bpe_tokenizer(texts, vocab_size=PRESETS[cfg.name_or_path]["vocab_size"])
+    if cache_dir is not None:
+        tokenizer.save_pretrained(cache_dir)
+    return tokenizer
+
+
+def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    # OPT's tokenizer starts every sequence with `</s>`; keep that so presets behave like the real models.
+    tok.post_processor = processors.TemplateProcessing(
+        single="</s> $A", pair="</s> $A </s> $B", special_tokens=[("</s>", SPECIAL_TOKENS.index("</s>"))])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="</s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>", model_max_length=10**9)
+
+
+def model_config(cfg: ModelConfig, tokenizer) -> OPTConfig:
+    if is_preset(cfg.name_or_path):
+        config = OPTConfig(**PRESETS[cfg.name_or_path], pad_token_id=tokenizer.pad_token_id,
+                           bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    else:
+        try:
+            config = AutoConfig.from_pretrained(cfg.name_or_path, revision=cfg.revision)
+        except OSError as e:
+            raise UserError(f"cannot load a model config from {cfg.name_or_path!r}: {str(e).splitlines()[0]}") from None
+        if config.model_type != "opt":
+            raise UserError(f"{cfg.name_or_path} is a {config.model_type} model; this toolkit trains OPT models")
+    if cfg.dropout is not None:
+        config.dropout = config.attention_dropout = cfg.dropout
+    if len(tokenizer) > config.vocab_size:
+        raise UserError(f"tokenizer has {len(tokenizer)} tokens but the model only {config.vocab_size} embeddings")
+    return config
+
+
+def build_model(cfg: ModelConfig, tokenizer) -> OPTForCausalLM:
+    """Always fp32 weights: mixed precision is the strategy's job (autocast, DeepSpeed or FSDP policy)."""
+    config = model_config(cfg, tokenizer)
+    if is_preset(cfg.name_or_path):
+        model = OPTForCausalLM(config)
+    else:
+        model = OPTForCausalLM.from_pretrained(cfg.name_or_path, config=config, revision=cfg.revision,
+                                               dtype=torch.float32, use_safetensors=None)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    return model
+
+
+def apply_lora(model: OPTForCausalLM, cfg: LoraConfig):
+    """Wrap `model` in a peft LoRA model: base weights frozen, only adapters train."""
+    from peft import LoraConfig as PeftLoraConfig, get_peft_model
+
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = [m for m in cfg.target_modules if m not in names]
+    if missing:
+        raise UserError(f"lora.target_modules {missing} are not modules of this model; OPT has "
+                        "q_proj, k_proj, v_proj, out_proj, fc1, fc2")
+    peft_config = PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                                 target_modules=list(cfg.target_modules), task_type="CAUSAL_LM")
+    model = get_peft_model(model, peft_config)
+    if model.base_model.model.is_gradient_checkpointing:
+        model.enable_input_require_grads()  # frozen embeddings would otherwise cut the checkpointed graph
+    return model

@@ -1,0 +1,200 @@
+"""The only module that knows about distributed types.
+
+`accelerate launch --config_file X.yaml` tells each process, through environment variables, which
+strategy was asked for. `make_accelerator` builds an Accelerator that really runs it, also on a
+machine without a GPU, where accelerate alone silently falls back (DESIGN section 3);
+`verify` checks after `prepare` that what runs is what was asked, and records it.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator, DataLoaderConfiguration, PartialState
+from accelerate.utils import DistributedType, GradientAccumulationPlugin, InitProcessGroupKwargs
+
+from .config import RunConfig, UserError
+
+# Keys of a DeepSpeed JSON that the run config owns; "auto" (or absent) in the JSON takes the run's value.
+DEEPSPEED_RUN_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size",
+                      "gradient_clipping")
+
+
+@dataclass
+class Requested:
+    """The strategy `accelerate launch` asked for, read from the environment it sets."""
+    kind: str  # single | ddp | fsdp | deepspeed
+    world_size: int
+
+    @classmethod
+    def from_env(cls) -> "Requested":
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if _env_flag("ACCELERATE_USE_DEEPSPEED"):
+            return cls("deepspeed", world)
+        if _env_flag("ACCELERATE_USE_FSDP"):
+            return cls("fsdp", world)
+        return cls("ddp" if world > 1 else "single", world)
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "false").lower() in ("1", "true", "yes")
+
+
+def make_accelerator(cfg: RunConfig) -> Accelerator:
+    requested = Requested.from_env()
+    on_cpu = not torch.cuda.is_available()
+    common = dict(
+        gradient_accumulation_plugin=GradientAccumulationPlugin(
+            num_steps=cfg.train.grad_accum_steps, sync_with_dataloader=False),  # the loop owns step windows
+        # Seeded per-epoch shuffling that is identical on every rank and after a resume.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        step_scheduler_with_optimizer=False,  # the loop steps the scheduler once per optimizer step
+        log_with=None if cfg.train.report_to == "none" else cfg.train.report_to,
+        project_dir=cfg.output_dir,
+    )
+    if requested.kind == "deepspeed":
+        # DeepSpeed picks its CPU accelerator by itself; it only needs a backend that exists here.
+        handlers = [InitProcessGroupKwargs(backend="gloo")] if on_cpu else []
+        accelerator = Accelerator(kwargs_handlers=handlers, **common)
+        fill_deepspeed_config(accelerator.state.deepspeed_plugin, cfg, accelerator.num_processes)
+    elif on_cpu and requested.world_size > 1:
+        # Without CUDA, a MULTI_GPU/FSDP config makes each process believe it is alone. Start the
+        # gloo process group as MULTI_CPU first...
+        PartialState(cpu=True)
+        if requested.kind == "fsdp":
+            # ...and, for FSDP, let AcceleratorState see a multi-device type: it only turns on FSDP
+            # for those, and replaces this value with DistributedType.FSDP as it does.
+            PartialState._shared_state["distributed_type"] = DistributedType.MULTI_GPU
+        accelerator = Accelerator(cpu=True, **common)
+    else:
+        accelerator = Accelerator(**common)
+
+    if accelerator.distributed_type == DistributedType.FSDP and on_cpu:
+        from torch.distributed.fsdp import CPUOffloadPolicy
+        plugin = accelerator.state.fsdp_plugin
+        if isinstance(plugin.cpu_offload, CPUOffloadPolicy):  # pinned memory needs a GPU
+            plugin.cpu_offload = CPUOffloadPolicy(pin_memory=False)
+    if (accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu"
+            and accelerator.distributed_type != DistributedType.DEEPSPEED):
+        # accelerate turns on fp16 autocast and loss scaling only off CPU, and would silently train
+        # in fp32; torch has both on CPU, so switch them on the way accelerate does on GPU.
+        from accelerate.utils import get_grad_scaler
+        from accelerate.utils.fsdp_utils import get_fsdp2_grad_scaler
+        accelerator.native_amp = True
+        accelerator.scaler = (get_fsdp2_grad_scaler(device="cpu") if accelerator.is_fsdp2
+                              else get_grad_scaler(accelerator.distributed_type, device="cpu"))
+    return accelerator
+
+
+def fill_deepspeed_config(plugin, cfg: RunConfig, num_processes: int) -> None:
+    """One run config drives every strategy: batch, accumulation and clipping come from it.
+
+    accelerate would fill "auto" clipping with 1.0 whatever the run says, and quietly prefer a
+    DeepSpeed JSON's accumulation steps over the run's; a JSON that disagrees is an error here."""
+    ds = plugin.deepspeed_config
+    run = {
+        "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
+        "gradient_accumulation_steps": cfg.train.grad_accum_steps,
+        "train_batch_size": cfg.train.micro_batch_size * cfg.train.grad_accum_steps * num_processes,
+        "gradient_clipping": cfg.optim.max_grad_norm,
+    }
+    path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
+    written = json.loads(Path(path).read_text()) if path != "none" else {}  # as the user wrote it
+    for key in DEEPSPEED_RUN_KEYS:
+        value = written.get(key, "auto")
+        if value != "auto" and value != run[key]:
+            raise UserError(f"{path} sets {key}={value} but the run config implies {run[key]}: "
+                            f'set "{key}": "auto" there so the run config decides')
+        ds[key] = run[key]
+    # Exporting a consolidated model under ZeRO-3 needs the weights gathered on save.
+    ds.setdefault("zero_optimization", {})["stage3_gather_16bit_weights_on_model_save"] = True
+
+
+def verify(accelerator: Accelerator, model, optimizer, cfg: RunConfig) -> dict:
+    """After `prepare`: stop unless the requested strategy is the one running; return what runs."""
+    requested = Requested.from_env()
+    running = accelerator.distributed_type
+
+    def fail(what: str):
+        raise UserError(f"asked for {requested.kind} on {requested.world_size} processes but {what}; "
+                        "the run would silently train something else, so it stops (check the accelerate config "
+                        "and that every process was started)")
+
+    if accelerator.num_processes != requested.world_size:
+        fail(f"{accelerator.num_processes} process(es) joined")
+    info: dict = {"num_processes": accelerator.num_processes, "distributed_type": str(running.value),
+                  "device": accelerator.device.type}
+    if requested.kind == "deepspeed":
+        import deepspeed
+        if running != DistributedType.DEEPSPEED or not isinstance(model, deepspeed.DeepSpeedEngine):
+            fail(f"accelerate runs {running.value} without a DeepSpeed engine")
+        stage = model.zero_optimization_stage()
+        wanted_stage = accelerator.state.deepspeed_plugin.deepspeed_config["zero_optimization"].get("stage", 0)
+        if stage != wanted_stage:
+            fail(f"DeepSpeed runs ZeRO stage {stage}, not {wanted_stage}")
+        info.update(zero_stage=stage, offload_optimizer=_offload_device(model.zero_offload_optimizer()),
+                    offload_param=_offload_device(model.zero_offload_param()),
+                    mixed_precision="bf16" if model.bfloat16_enabled() else "fp16" if model.fp16_enabled() else "no")
+    elif requested.kind == "fsdp":
+        if running != DistributedType.FSDP:
+            fail(f"accelerate runs {running.value}, not FSDP")
+        local, full = sharded_numel(model)
+        if requested.world_size > 1 and local >= full:
+            fail(f"FSDP left the parameters unsharded ({local} of {full} elements on this rank)")
+        plugin = accelerator.state.fsdp_plugin
+        info.update(fsdp_version=plugin.fsdp_version, reshard_after_forward=str(plugin.reshard_after_forward),
+                    offload_param=plugin.cpu_offload is not None and bool(getattr(plugin.cpu_offload, "offload_params",
+                                                                                 True)),
+                    params_local_numel=local, params_numel=full)
+    elif requested.kind == "ddp":
+        if not isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            fail(f"accelerate runs {running.value} without DistributedDataParallel")
+    if "mixed_precision" not in info:
+        info["mixed_precision"] = accelerator.mixed_precision
+        if accelerator.mixed_precision != "no" and not accelerator.native_amp:
+            fail(f"{accelerator.mixed_precision} autocast is off")
+    info.update(micro_batch_size=cfg.train.micro_batch_size, grad_accum_steps=cfg.train.grad_accum_steps,
+                global_batch_size=cfg.train.micro_batch_size * cfg.train.grad_accum_steps * accelerator.num_processes,
+                optimizer=type(getattr(optimizer, "optimizer", optimizer)).__name__, versions=versions())
+    return info
+
+
+def _offload_device(offload_config) -> str:
+    device = getattr(offload_config, "device", None)
+    return str(getattr(device, "value", device) or "none")
+
+
+def sharded_numel(model) -> tuple[int, int]:
+    """(elements of parameters held by this rank, elements of the full model)."""
+    local = full = 0
+    for p in model.parameters():
+        full += p.numel()
+        local += p.to_local().numel() if hasattr(p, "to_local") else p.numel()
+    return local, full
+
+
+def step_stats(accelerator: Accelerator, optimizer) -> dict:
+    """Loss-scaling state for fp16 runs: the current scale and whether this step was skipped."""
+    if accelerator.scaler is not None:
+        return {"loss_scale": accelerator.scaler.get_scale(), "skipped": accelerator.optimizer_step_was_skipped}
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        inner = getattr(optimizer, "optimizer", optimizer)
+        if hasattr(inner, "cur_scale"):
+            return {"loss_scale": float(inner.cur_scale), "skipped": bool(getattr(inner, "overflow", False))}
+    return {}
+
+
+def versions() -> dict:
+    names = ("toolkit", "torch", "accelerate", "transformers", "datasets", "deepspeed", "peft", "bitsandbytes")
+    found = {}
+    for name in names:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return found

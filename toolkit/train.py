@@ -1,0 +1,199 @@
+"""Fine-tune an OPT model: `accelerate launch --config_file CFG -m toolkit.train --config RUN.yaml k=v ...`
+
+`main` wires the run (config -> accelerator -> tokenizer/model -> data -> optimizer -> prepare ->
+resume); `train` is the loop, read top to bottom; the result is exported to `output_dir/final/`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from accelerate.utils import set_seed
+
+from . import checkpoint, config as config_lib, data, strategy
+from .config import RunConfig, UserError
+from .evaluate import evaluate_model
+from .model import apply_lora, build_model, build_tokenizer
+from .optim import build_optimizer, build_scheduler
+from .telemetry import Telemetry
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="toolkit.train", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", help="YAML run config (examples/*.yaml)")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.max_steps=100")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    cfg = config_lib.load(args.config, args.overrides)
+    check_output_dir(cfg)
+    accelerator = strategy.make_accelerator(cfg)
+    set_seed(cfg.train.seed)  # the same initial weights on every rank
+    out = Path(cfg.output_dir)
+
+    with accelerator.main_process_first():  # rank 0 builds tokenizer and data caches, the others reuse them
+        raw_train, raw_eval = data.load_raw(cfg.data, cfg.train.seed)
+        fmt = data.detect_format(raw_train, cfg.data)
+        texts = raw_train[cfg.data.text_field] if fmt == "text" else (
+            p + r for p, r in zip(raw_train[cfg.data.prompt_field], raw_train[cfg.data.response_field]))
+        tokenizer = build_tokenizer(cfg.model, texts, cache_dir=out / "tokenizer")
+        model = build_model(cfg.model, tokenizer)
+        max_positions = model.config.max_position_embeddings
+        data.check_block_size(cfg.data.block_size, max_positions)
+        train_set = data.tokenize_for_training(raw_train, tokenizer, cfg.data, fmt)
+        eval_set = data.tokenize_for_eval(raw_eval, tokenizer, cfg.data, fmt, max_length=max_positions)
+
+    if cfg.lora.enabled:
+        model = apply_lora(model, cfg.lora)
+    max_steps = count_steps(cfg, len(train_set), accelerator.num_processes)
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.optim, max_steps)
+    train_loader = data.train_dataloader(train_set, cfg.train.micro_batch_size, tokenizer.pad_token_id)
+    eval_loader = data.eval_dataloader(eval_set, cfg.eval.micro_batch_size, tokenizer.pad_token_id)
+
+    model, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(
+        model, optimizer, train_loader, eval_loader, scheduler)
+    cfg.runtime = strategy.verify(accelerator, model, optimizer, cfg)  # stop here if not what was asked
+    cfg.runtime["max_steps"] = max_steps
+    cfg.runtime["data_format"] = fmt
+
+    state = {"step": 0, "epoch": 0, "batch": 0, "tokens": 0}
+    resume_from = checkpoint.find_resume(cfg.resume, out)
+    if resume_from is not None:
+        state = checkpoint.load(accelerator, resume_from)
+        accelerator.print(f"resumed from {resume_from} at step {state['step']}")
+    if accelerator.is_main_process:
+        config_lib.save(cfg, out / "config.yaml")
+        trim_metrics(out / "metrics.jsonl", state["step"])  # steps after the checkpoint are redone
+
+    train(cfg, accelerator, model, optimizer, scheduler, train_loader, eval_loader, state, max_steps)
+
+    checkpoint.export(accelerator, model, tokenizer, out / "final", merge_lora=cfg.lora.merge)  # all ranks
+    accelerator.print(f"saved {out / 'final'}")
+    accelerator.end_training()
+
+
+def train(cfg: RunConfig, accelerator, model, optimizer, scheduler, train_loader, eval_loader,
+          state: dict, max_steps: int) -> None:
+    """THE loop. One optimizer step = `grad_accum_steps` micro-batches on every rank."""
+    telemetry = Telemetry(accelerator, cfg.output_dir, max_steps, start_step=state["step"])
+    batches = micro_batches(accelerator, train_loader, state)
+    if cfg.eval.every and state["step"] == 0:  # the baseline that fine-tuning is measured against
+        run_evaluation(cfg, accelerator, model, eval_loader, telemetry, step=0)
+    model.train()
+    while state["step"] < max_steps:
+        window = [next(batches) for _ in range(cfg.train.grad_accum_steps)]
+        # The step's loss is (sum of token losses over all micro-batches on all ranks) / (their
+        # number of target tokens), so count the window's targets first (DESIGN section 4).
+        window_targets = accelerator.reduce(
+            torch.tensor(sum(count_targets(b) for b in window), device=accelerator.device), "sum")
+        step_loss = torch.zeros((), device=accelerator.device)
+        for batch in window:
+            with accelerator.accumulate(model):
+                loss = model(**batch, num_items_in_batch=window_targets).loss
+                step_loss += loss.detach()
+                # DDP/FSDP/DeepSpeed average gradients over ranks and accelerate/DeepSpeed divide the
+                # loss by the accumulation steps; both would turn our sum into a mean of means.
+                accelerator.backward(loss * accelerator.num_processes * accelerator.gradient_accumulation_steps)
+            telemetry.count_tokens(batch["input_ids"].numel() * accelerator.num_processes)
+
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm or math.inf)
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()  # under DeepSpeed, accelerator.backward already stepped the engine
+        if not accelerator.optimizer_step_was_skipped:
+            scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        state["step"] += 1
+        state["tokens"] += int(window_targets)
+        telemetry.advance()
+
+        step = state["step"]
+        if step % cfg.train.log_every == 0 or step == max_steps:
+            telemetry.log({"step": step, "loss": accelerator.reduce(step_loss, "sum").item(), "lr": lr,
+                           "grad_norm": _item(grad_norm), "tokens": state["tokens"], "epoch": state["epoch"],
+                           **strategy.step_stats(accelerator, optimizer), **telemetry.throughput()})
+        if (cfg.eval.every and step % cfg.eval.every == 0) or step == max_steps:
+            run_evaluation(cfg, accelerator, model, eval_loader, telemetry, step)
+            model.train()
+        if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
+            checkpoint.save(accelerator, cfg.output_dir, cfg, dict(state), cfg.checkpoint.keep_last)  # all ranks
+    telemetry.close()
+
+
+def run_evaluation(cfg: RunConfig, accelerator, model, eval_loader, telemetry: Telemetry, step: int) -> None:
+    metrics = evaluate_model(model, eval_loader, accelerator, max_batches=cfg.eval.max_batches)  # all ranks
+    telemetry.log({"step": step, **{f"eval_{k}": v for k, v in metrics.items()}})
+
+
+def micro_batches(accelerator, loader, state: dict):
+    """Endless micro-batches, epoch after epoch, starting at `state`'s data position (epoch and
+    batches already taken in it), which it keeps current so a checkpoint can resume exactly here."""
+    while True:
+        loader.set_epoch(state["epoch"])  # the seedable sampler shuffles by seed + epoch
+        epoch_batches = accelerator.skip_first_batches(loader, state["batch"]) if state["batch"] else loader
+        for batch in epoch_batches:
+            state["batch"] += 1
+            yield batch
+        state["epoch"] += 1
+        state["batch"] = 0
+
+
+def count_targets(batch: dict) -> int:
+    """Tokens the loss scores: labels after the causal shift that are not ignored."""
+    return int((batch["labels"][:, 1:] != data.IGNORE).sum())
+
+
+def count_steps(cfg: RunConfig, num_sequences: int, num_processes: int) -> int:
+    if cfg.train.max_steps:
+        return cfg.train.max_steps
+    global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * num_processes
+    steps = int(cfg.train.epochs * (num_sequences // (cfg.train.micro_batch_size * num_processes))
+                // cfg.train.grad_accum_steps)
+    if steps == 0:
+        raise UserError(f"{num_sequences} training sequences make no full optimizer step of {global_batch} "
+                        "(micro x accumulation x processes): lower train.micro_batch_size or give more data")
+    return steps
+
+
+def check_output_dir(cfg: RunConfig) -> None:
+    """Fail before any work if output_dir can't be written or holds a run we were not told to resume."""
+    out = Path(cfg.output_dir)
+    if cfg.resume == "none" and any((out / name).exists() for name in ("metrics.jsonl", "checkpoints", "final")):
+        raise UserError(f"output_dir {out} already holds a run: continue it with resume=auto, "
+                        "or choose a new output_dir")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{time.time_ns()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"output_dir {out} is not writable ({e.strerror}): choose another output_dir") from None
+
+
+def trim_metrics(path: Path, last_step: int) -> None:
+    if not path.exists():
+        return
+    records = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= last_step]
+    path.write_text("".join(line + "\n" for line in records))
+
+
+def _item(value) -> float | None:
+    return None if value is None else float(value)
+
+
+def cli() -> None:
+    try:
+        main()
+    except UserError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+if __name__ == "__main__":
+    cli()
