@@ -197,8 +197,11 @@ def _coerce(hint, value, key: str):
             return None
         raise UserError(f"{key} needs a value, got nothing")
     for option in options:
-        if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+        if option is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            try:  # YAML 1.1 reads 1e-4 (no dot) as a string
+                return float(value)
+            except ValueError:
+                pass
         if option is int and isinstance(value, int) and not isinstance(value, bool):
             return value
         if option in (str, bool, dict) and isinstance(value, option):

@@ -1,0 +1,73 @@
+import pytest
+import yaml
+
+from toolkit import config
+from toolkit.config import UserError
+
+
+def write(tmp_path, text: str):
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_yaml_and_dotted_overrides_are_typed(tmp_path):
+    path = write(tmp_path, "data: {train: a.jsonl, block_size: 64}\ntrain: {max_steps: 10}\n")
+    cfg = config.load(path, ["train.max_steps=200", "optim.lr=1e-4", "lora.target_modules=q_proj,k_proj",
+                             "data.eval=b.jsonl", "model.gradient_checkpointing=true", "train.epochs=2"])
+    assert cfg.data.block_size == 64 and cfg.train.max_steps == 200
+    assert cfg.optim.lr == pytest.approx(1e-4) and isinstance(cfg.optim.lr, float)
+    assert cfg.lora.target_modules == ["q_proj", "k_proj"]
+    assert cfg.model.gradient_checkpointing is True and cfg.train.epochs == 2.0
+
+
+def test_defaults_fill_unset_keys(tmp_path):
+    cfg = config.load(None, ["data.train=x.txt"])
+    assert cfg.resume == "none" and cfg.checkpoint.keep_last == 2 and cfg.eval.every == 0
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.max_step=3", "unknown config key train.max_step (did you mean train.max_steps?)"),
+    ("trian.max_steps=3", "unknown config key trian"),
+    ("train.max_steps=many", "train.max_steps must be int, got 'many'"),
+    ("train.micro_batch_size=0", "train.micro_batch_size must be > 0"),
+    ("optim.name=sgd", "optim.name must be one of"),
+    ("data.format=csv", "data.format must be one of"),
+    ("checkpoint.keep_last=-1", "checkpoint.keep_last must be >= 0"),
+    ("lora.merge=true", "lora.merge=true needs lora.enabled=true"),
+    ("train.max_steps", "is not key=value"),
+    ("model.dropout=1.5", "dropout must be in [0, 1)"),
+])
+def test_bad_values_name_the_key_and_the_fix(override, message):
+    with pytest.raises(UserError, match=None) as err:
+        config.load(None, ["data.train=x.txt", override])
+    assert message in str(err.value)
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        config.load(tmp_path / "nope.yaml")
+    with pytest.raises(UserError, match="not valid YAML at line"):
+        config.load(write(tmp_path, "train:\n  max_steps: [1\n"))
+    with pytest.raises(UserError, match="must hold a mapping"):
+        config.load(write(tmp_path, "- a\n- b\n"))
+    with pytest.raises(UserError, match="data.train is not set"):
+        config.load(None)
+
+
+def test_saved_config_loads_back_identically(tmp_path):
+    cfg = config.load(None, ["data.train=x.txt", "train.max_steps=5", "lora.enabled=true"])
+    cfg.runtime = {"num_processes": 2}
+    config.save(cfg, tmp_path / "config.yaml")
+    again = config.load(tmp_path / "config.yaml")
+    assert again == cfg
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["runtime"]["num_processes"] == 2
+
+
+def test_every_example_config_is_valid():
+    from pathlib import Path
+
+    examples = sorted((Path(__file__).parents[1] / "examples").glob("*.yaml"))
+    assert len(examples) >= 4
+    for path in examples:
+        config.load(path)
