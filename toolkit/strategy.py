@@ -111,8 +111,15 @@ def fill_deepspeed_config(plugin, cfg: RunConfig, num_processes: int) -> None:
             raise UserError(f"{path} sets {key}={value} but the run config implies {run[key]}: "
                             f'set "{key}": "auto" there so the run config decides')
         ds[key] = run[key]
+    zero = ds.setdefault("zero_optimization", {})
     # Exporting a consolidated model under ZeRO-3 needs the weights gathered on save.
-    ds.setdefault("zero_optimization", {})["stage3_gather_16bit_weights_on_model_save"] = True
+    zero["stage3_gather_16bit_weights_on_model_save"] = True
+    for offload in ("offload_param", "offload_optimizer"):
+        section = zero.get(offload) or {}
+        if section.get("device") == "nvme" and section.get("nvme_path") in (None, "auto", "none"):
+            # Swap files belong to the run; DeepSpeed needs the folder to exist.
+            section["nvme_path"] = str((Path(cfg.output_dir) / "nvme_offload").resolve())
+            Path(section["nvme_path"]).mkdir(parents=True, exist_ok=True)
 
 
 def verify(accelerator: Accelerator, model, optimizer, cfg: RunConfig) -> dict:
