@@ -73,31 +73,35 @@ def load(accelerator, path: Path) -> dict:
 
 
 def export(accelerator, model, tokenizer, out: str | Path, merge_lora: bool = False) -> None:
-    """Write a Hugging Face model directory (safetensors + tokenizer) that plain transformers loads,
-    whatever the strategy; for LoRA, the adapter (and with `merge_lora`, `merged/`, a full model).
+    """Write `out` as a Hugging Face model directory, whatever the strategy.
 
     All ranks call this: `get_state_dict` gathers ZeRO-3 / FSDP shards into a full state dict on
     the main process (the naive `save_pretrained` of a sharded model writes empty tensors)."""
-    out = Path(out)
     state_dict = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
-        tmp = out.with_name(out.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        unwrapped = accelerator.unwrap_model(model)
-        unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        if merge_lora:
-            merged_model(unwrapped, state_dict).save_pretrained(tmp / "merged", safe_serialization=True)
-            tokenizer.save_pretrained(tmp / "merged")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        write_hf_model(accelerator.unwrap_model(model), state_dict, tokenizer, Path(out), merge_lora)
     accelerator.wait_for_everyone()
 
 
+def write_hf_model(model, state_dict: dict, tokenizer, out: Path, merge_lora: bool = False) -> None:
+    """safetensors weights + config + tokenizer that plain transformers loads; for a LoRA model the
+    adapter (peft picks its weights out of the full state dict), and with `merge_lora` also
+    `merged/`, a full model. Written beside `out` and renamed, so `out` is never half-written."""
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    if merge_lora:
+        merged_model(model, state_dict).save_pretrained(tmp / "merged", safe_serialization=True)
+        tokenizer.save_pretrained(tmp / "merged")
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+
+
 def merged_model(peft_model, state_dict: dict):
-    """A fresh full model on CPU with the gathered LoRA weights folded in (the live one may be
-    sharded, so it is rebuilt from the full state dict rather than merged in place)."""
+    """A fresh full model on CPU with the LoRA weights folded in (the live one may be sharded, so
+    it is rebuilt from the full state dict rather than merged in place)."""
     import copy
 
     from peft import get_peft_model
@@ -105,5 +109,6 @@ def merged_model(peft_model, state_dict: dict):
 
     base = OPTForCausalLM(copy.deepcopy(peft_model.base_model.model.config))
     fresh = get_peft_model(base, copy.deepcopy(peft_model.peft_config["default"]))
-    fresh.load_state_dict({k: v.float().cpu() for k, v in state_dict.items()})
+    fresh.load_state_dict({k: v.float().cpu() for k, v in state_dict.items()}, strict=False)
+    fresh.tie_weights()
     return fresh.merge_and_unload()

@@ -134,8 +134,10 @@ def verify(accelerator: Accelerator, model, optimizer, cfg: RunConfig) -> dict:
 
     if accelerator.num_processes != requested.world_size:
         fail(f"{accelerator.num_processes} process(es) joined")
+    local, full = sharded_numel(model)
+    sharded = requested.world_size > 1 and local < full
     info: dict = {"num_processes": accelerator.num_processes, "distributed_type": str(running.value),
-                  "device": accelerator.device.type}
+                  "device": accelerator.device.type, "params_local_numel": local, "params_numel": full}
     if requested.kind == "deepspeed":
         import deepspeed
         if running != DistributedType.DEEPSPEED or not isinstance(model, deepspeed.DeepSpeedEngine):
@@ -144,30 +146,29 @@ def verify(accelerator: Accelerator, model, optimizer, cfg: RunConfig) -> dict:
         wanted_stage = accelerator.state.deepspeed_plugin.deepspeed_config["zero_optimization"].get("stage", 0)
         if stage != wanted_stage:
             fail(f"DeepSpeed runs ZeRO stage {stage}, not {wanted_stage}")
+        if stage == 3 and requested.world_size > 1 and not sharded:
+            fail(f"ZeRO-3 left the parameters unsharded ({local} of {full} elements on this rank)")
         info.update(zero_stage=stage, offload_optimizer=_offload_device(model.zero_offload_optimizer()),
                     offload_param=_offload_device(model.zero_offload_param()),
                     mixed_precision="bf16" if model.bfloat16_enabled() else "fp16" if model.fp16_enabled() else "no")
     elif requested.kind == "fsdp":
+        from torch.distributed.fsdp import CPUOffloadPolicy
         if running != DistributedType.FSDP:
             fail(f"accelerate runs {running.value}, not FSDP")
-        local, full = sharded_numel(model)
-        if requested.world_size > 1 and local >= full:
+        if requested.world_size > 1 and not sharded:
             fail(f"FSDP left the parameters unsharded ({local} of {full} elements on this rank)")
         plugin = accelerator.state.fsdp_plugin
-        info.update(fsdp_version=plugin.fsdp_version, reshard_after_forward=str(plugin.reshard_after_forward),
-                    offload_param=plugin.cpu_offload is not None and bool(getattr(plugin.cpu_offload, "offload_params",
-                                                                                 True)),
-                    params_local_numel=local, params_numel=full)
-    elif requested.kind == "ddp":
-        if not isinstance(model, torch.nn.parallel.DistributedDataParallel):
-            fail(f"accelerate runs {running.value} without DistributedDataParallel")
+        info.update(fsdp_version=plugin.fsdp_version, reshard_after_forward=bool(plugin.reshard_after_forward),
+                    offload_param=isinstance(plugin.cpu_offload, CPUOffloadPolicy))
+    elif requested.kind == "ddp" and not isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        fail(f"accelerate runs {running.value} without DistributedDataParallel")
     if "mixed_precision" not in info:
         info["mixed_precision"] = accelerator.mixed_precision
         if accelerator.mixed_precision != "no" and not accelerator.native_amp:
             fail(f"{accelerator.mixed_precision} autocast is off")
     info.update(micro_batch_size=cfg.train.micro_batch_size, grad_accum_steps=cfg.train.grad_accum_steps,
                 global_batch_size=cfg.train.micro_batch_size * cfg.train.grad_accum_steps * accelerator.num_processes,
-                optimizer=type(getattr(optimizer, "optimizer", optimizer)).__name__, versions=versions())
+                optimizer=type(innermost(optimizer)).__name__, versions=versions())
     return info
 
 
@@ -180,20 +181,45 @@ def sharded_numel(model) -> tuple[int, int]:
     """(elements of parameters held by this rank, elements of the full model)."""
     local = full = 0
     for p in model.parameters():
-        full += p.numel()
-        local += p.to_local().numel() if hasattr(p, "to_local") else p.numel()
+        if hasattr(p, "ds_numel"):  # ZeRO-3: `p` is an empty placeholder, the shard is ds_tensor
+            full += p.ds_numel
+            local += p.ds_tensor.numel()
+        else:  # FSDP2 shards are DTensors
+            full += p.numel()
+            local += p.to_local().numel() if hasattr(p, "to_local") else p.numel()
     return local, full
 
 
+def innermost(optimizer):
+    """The optimizer that updates the weights, under accelerate's and DeepSpeed's wrappers."""
+    while hasattr(optimizer, "optimizer"):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+def optimizer_state_size(optimizer) -> tuple[int, int]:
+    """(elements, bytes) of optimizer state held by this rank, under any wrapper or sharding."""
+    numel = nbytes = 0
+    for state in innermost(optimizer).state.values():
+        for value in state.values():
+            if torch.is_tensor(value) and value.ndim > 0:  # skip scalar step counters
+                value = value.to_local() if hasattr(value, "to_local") else value
+                numel += value.numel()
+                nbytes += value.numel() * value.element_size()
+    return numel, nbytes
+
+
 def step_stats(accelerator: Accelerator, optimizer) -> dict:
-    """Loss-scaling state for fp16 runs: the current scale and whether this step was skipped."""
+    """Per-step facts about the strategy: this rank's optimizer state and, for fp16, loss scaling."""
+    numel, nbytes = optimizer_state_size(optimizer)
+    stats = {"optim_state_numel": numel, "optim_state_mb": round(nbytes / 2**20, 4)}
     if accelerator.scaler is not None:
-        return {"loss_scale": accelerator.scaler.get_scale(), "skipped": accelerator.optimizer_step_was_skipped}
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        inner = getattr(optimizer, "optimizer", optimizer)
-        if hasattr(inner, "cur_scale"):
-            return {"loss_scale": float(inner.cur_scale), "skipped": bool(getattr(inner, "overflow", False))}
-    return {}
+        stats.update(loss_scale=accelerator.scaler.get_scale(), skipped=accelerator.optimizer_step_was_skipped)
+    elif (accelerator.distributed_type == DistributedType.DEEPSPEED
+          and accelerator.state.deepspeed_plugin.deepspeed_config.get("fp16", {}).get("enabled") is True):
+        scaled = optimizer.optimizer  # DeepSpeed's ZeRO optimizer owns the dynamic loss scale
+        stats.update(loss_scale=float(scaled.cur_scale), skipped=bool(scaled.overflow))
+    return stats
 
 
 def versions() -> dict:

@@ -1,0 +1,110 @@
+"""Every accelerate config trains the same model: parametrized over the config files themselves.
+
+Each runs 2 real processes on gloo in fp32, checkpoints at step 2, restarts from it to step 4,
+and is compared with an uninterrupted DDP run at the same global batch."""
+
+import json
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from conftest import ACCELERATE_CONFIGS, ROOT, launch, metrics, runtime, tiny_run
+from toolkit import strategy
+from toolkit.config import RunConfig, UserError
+
+CONFIGS = sorted(p.stem for p in ACCELERATE_CONFIGS.glob("*.yaml") if p.stem not in ("single", "ddp"))
+ARGS = {"train.micro_batch_size": 2, "train.grad_accum_steps": 2, "checkpoint.keep_last": 0}
+# fp32 everywhere: sharded strategies reduce the same gradients in a different order (reduce-
+# scatter by buckets vs one all-reduce) and DeepSpeed's Adam fuses differently from torch's; over
+# 4 steps that stays below 1e-5 relative in the loss and 1e-4 in the weights (measured ~1e-7 and
+# ~5e-7), while a normalisation or sync bug moves them by 1e-2 or more.
+LOSS_RTOL, WEIGHT_ATOL = 1e-5, 1e-4
+
+
+def expected(name: str) -> dict:
+    """What the config file asks for, read from the file itself."""
+    acc = yaml.safe_load((ACCELERATE_CONFIGS / f"{name}.yaml").read_text())
+    if acc["distributed_type"] == "DEEPSPEED":
+        ds = json.loads((ROOT / acc["deepspeed_config"]["deepspeed_config_file"]).read_text())["zero_optimization"]
+        return {"distributed_type": "DEEPSPEED", "zero_stage": ds["stage"],
+                "offload_optimizer": ds.get("offload_optimizer", {}).get("device", "none"),
+                "offload_param": ds.get("offload_param", {}).get("device", "none")}
+    fsdp = acc["fsdp_config"]
+    return {"distributed_type": "FSDP", "fsdp_version": fsdp["fsdp_version"],
+            "reshard_after_forward": fsdp["fsdp_reshard_after_forward"], "offload_param": fsdp["fsdp_offload_params"]}
+
+
+@pytest.fixture(scope="module")
+def ddp_run(text_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp_ref")
+    launch("toolkit.train", tiny_run(text_data, out, **ARGS), config="ddp", extra=["--mixed_precision", "no"])
+    return out
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("name", CONFIGS)
+def test_config_trains_resumes_and_exports_like_ddp(name, ddp_run, text_data, tmp_path):
+    out = tmp_path / name
+    for steps, resume in ((2, "none"), (4, "auto")):
+        launch("toolkit.train", tiny_run(text_data, out, **ARGS, **{"train.max_steps": steps, "checkpoint.every": 2,
+                                                                    "resume": resume}),
+               config=name, extra=["--mixed_precision", "no"])
+
+    info = runtime(out)
+    assert info["num_processes"] == 2 and info["mixed_precision"] == "no"
+    assert {k: info[k] for k in expected(name)} == expected(name)
+
+    ours, ddp = metrics(out)[0], metrics(ddp_run)[0]
+    assert [r["step"] for r in ours] == [1, 2, 3, 4]
+    for a, b in zip(ddp, ours):
+        assert b["loss"] == pytest.approx(a["loss"], rel=LOSS_RTOL), (name, a["step"])
+
+    # sharding is real: parameters (FSDP, ZeRO-3) and optimizer state (all) about halved per rank
+    ddp_state = ddp[-1]["optim_state_numel"]
+    assert ours[-1]["optim_state_numel"] <= 0.55 * ddp_state
+    if info.get("zero_stage", 3) == 3:
+        assert info["params_local_numel"] <= 0.55 * info["params_numel"]
+
+    # the final export and an export of the step-4 checkpoint both equal DDP's weights
+    launch("toolkit.export", ["--checkpoint", str(out / "checkpoints" / "step-000004"), "--out", str(tmp_path / "x")],
+           config=None)
+    reference = load_file(ddp_run / "final" / "model.safetensors")
+    for exported in (out / "final", tmp_path / "x"):
+        weights = load_file(exported / "model.safetensors")
+        assert weights.keys() <= reference.keys() and len(weights) >= len(reference) - 1  # lm_head may be tied
+        for key, value in weights.items():
+            torch.testing.assert_close(value, reference[key], rtol=0, atol=WEIGHT_ATOL, msg=f"{name} {key}")
+
+
+def test_a_strategy_that_does_not_engage_stops_with_a_clear_error(monkeypatch):
+    """Simulate accelerate's silent fallback: an FSDP launch whose processes each run alone."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    fallback = SimpleNamespace(distributed_type=strategy.DistributedType.NO, num_processes=1,
+                               device=torch.device("cpu"), mixed_precision="no", native_amp=False)
+    with pytest.raises(UserError, match="asked for fsdp on 2 processes but 1 process\\(es\\) joined"):
+        strategy.verify(fallback, torch.nn.Linear(2, 2), None, RunConfig())
+    fallback.num_processes = 2
+    fallback.distributed_type = strategy.DistributedType.MULTI_CPU
+    with pytest.raises(UserError, match="accelerate runs MULTI_CPU, not FSDP"):
+        strategy.verify(fallback, torch.nn.Linear(2, 2), None, RunConfig())
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    with pytest.raises(UserError, match="without DistributedDataParallel"):
+        strategy.verify(fallback, torch.nn.Linear(2, 2), None, RunConfig())
+
+
+def test_deepspeed_json_that_contradicts_the_run_config_is_refused(tmp_path, monkeypatch):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"gradient_accumulation_steps": 8, "zero_optimization": {"stage": 2}}))
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(path))
+    plugin = SimpleNamespace(deepspeed_config={"zero_optimization": {"stage": 2}})
+    with pytest.raises(UserError, match='sets gradient_accumulation_steps=8 but the run config implies 1'):
+        strategy.fill_deepspeed_config(plugin, RunConfig(), num_processes=2)
+    path.write_text(json.dumps({"gradient_accumulation_steps": "auto", "zero_optimization": {"stage": 3}}))
+    strategy.fill_deepspeed_config(plugin, RunConfig(), num_processes=2)
+    assert plugin.deepspeed_config["train_batch_size"] == 16 and plugin.deepspeed_config["gradient_clipping"] == 1.0
