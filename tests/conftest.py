@@ -49,13 +49,15 @@ def tiny_run(data: Path, output_dir: Path, **overrides) -> list[str]:
 
 def launch(module: str, args: list[str], config: str | None = "single", extra: list[str] = (),
            check: bool = True, timeout: int = 900) -> subprocess.CompletedProcess:
-    """`accelerate launch --config_file accelerate_configs/<config>.yaml -m <module> args`
+    """`accelerate launch --config_file accelerate_configs/<config>.yaml -m <module> args` (config
+    may also be a path without .yaml)
     (or plain `python -m` when config is None); output is kept for the failure message."""
     if config is None:
         cmd = [sys.executable, "-m", module, *args]
     else:
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-               str(ACCELERATE_CONFIGS / f"{config}.yaml"), *extra, "-m", module, *args]
+        path = Path(config).with_suffix(".yaml") if "/" in config else ACCELERATE_CONFIGS / f"{config}.yaml"
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(path), *extra,
+               "-m", module, *args]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
