@@ -1,6 +1,12 @@
-"""Optimizer and LR schedule. Parameters are grouped so biases and LayerNorm weights get no decay."""
+"""Optimizer and LR schedule. Parameters are grouped so biases and LayerNorm weights get no decay.
+
+Which optimizer can run under which strategy is decided before any work, in
+`strategy.check_optimizer`; the builders here only build.
+"""
 
 from __future__ import annotations
+
+import functools
 
 import torch
 from transformers import get_scheduler
@@ -17,9 +23,14 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig):
+    """A torch or bitsandbytes optimizer; for `deepspeed`, a placeholder carrying the parameter
+    groups, from which DeepSpeed builds the optimizer its JSON defines during `prepare`."""
     groups = param_groups(model, cfg.weight_decay)
     kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    if cfg.name == "deepspeed":
+        from accelerate.utils import DummyOptim
+        return DummyOptim(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.name == "adamw":
         return torch.optim.AdamW(groups, **kwargs)
     try:
@@ -33,7 +44,18 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Opt
     raise UserError(f"optim.name={cfg.name} is not a torch or bitsandbytes optimizer")
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, max_steps: int):
-    """Stepped once per optimizer step (never per micro-batch or per process)."""
+def build_scheduler(optimizer, cfg: OptimConfig, max_steps: int, json_scheduler: bool = False):
+    """Stepped once per optimizer step (never per micro-batch or per process).
+
+    With a DeepSpeed-owned optimizer (`optim.name=deepspeed`) the optimizer does not exist yet, so
+    DeepSpeed gets a recipe: the run config's schedule, built on its optimizer, or, when the
+    DeepSpeed JSON defines a "scheduler" section (`json_scheduler`), that one."""
     name = "constant_with_warmup" if cfg.scheduler == "constant" else cfg.scheduler
-    return get_scheduler(name, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=max_steps)
+    schedule = functools.partial(get_scheduler, name, num_warmup_steps=cfg.warmup_steps,
+                                 num_training_steps=max_steps)
+    if cfg.name == "deepspeed":
+        from accelerate.utils import DummyScheduler
+        if json_scheduler:
+            return DummyScheduler(optimizer, total_num_steps=max_steps, warmup_num_steps=cfg.warmup_steps)
+        return DummyScheduler(optimizer, lr_scheduler_callable=schedule)
+    return schedule(optimizer)

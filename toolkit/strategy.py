@@ -122,6 +122,70 @@ def fill_deepspeed_config(plugin, cfg: RunConfig, num_processes: int) -> None:
             Path(section["nvme_path"]).mkdir(parents=True, exist_ok=True)
 
 
+EIGHT_BIT = ("adamw_8bit", "paged_adamw_8bit")
+# optim.* keys a DeepSpeed "optimizer" section may leave "auto" (accelerate fills only lr and weight_decay).
+DEEPSPEED_OPTIM_KEYS = {"lr": "lr", "weight_decay": "weight_decay", "betas": ("beta1", "beta2"), "eps": "eps"}
+
+
+def check_optimizer(accelerator: Accelerator, cfg: RunConfig) -> None:
+    """Right after `make_accelerator`, before any work: refuse an optimizer the strategy cannot run
+    (or would silently replace), with what to use instead. For `optim.name=deepspeed`, the JSON's
+    "auto" optimizer parameters take the run config's values, as its batch keys do."""
+    name = cfg.optim.name
+    if name in EIGHT_BIT:
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise UserError(f"optim.name={name} needs bitsandbytes: pip install bitsandbytes") from None
+    running = accelerator.distributed_type
+    if running != DistributedType.DEEPSPEED:
+        if name == "deepspeed":
+            raise UserError(f"optim.name=deepspeed is the optimizer a DeepSpeed JSON defines, but this launch runs "
+                            f"{running.value}, not DeepSpeed: launch with a DeepSpeed accelerate config whose JSON has "
+                            'an "optimizer" section, or use optim.name=adamw')
+        if name in EIGHT_BIT and running == DistributedType.FSDP:
+            raise UserError(f"optim.name={name} cannot update FSDP2's sharded parameters (bitsandbytes fails with "
+                            "'got mixed torch.Tensor and DTensor'): use optim.name=adamw with FSDP, or a DeepSpeed "
+                            "config without optimizer offload (accelerate_configs/zero2.yaml) for 8-bit states")
+        return
+
+    ds = accelerator.state.deepspeed_plugin.deepspeed_config
+    source = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
+    source = "the DeepSpeed config" if source == "none" else source
+    offload = (ds.get("zero_optimization", {}).get("offload_optimizer") or {}).get("device") or "none"
+    if name != "deepspeed":
+        for section in ("optimizer", "scheduler"):
+            if section in ds:  # accelerate's own error here names neither the cause nor optim.name
+                raise UserError(f'{source} has its own "{section}" section, which DeepSpeed only runs with its own '
+                                f"optimizer, not the run's optim.name={name}: set optim.name=deepspeed to use it, or "
+                                f'remove "{section}" from the JSON')
+        if name in EIGHT_BIT and offload != "none":
+            raise UserError(f"optim.name={name} cannot run with DeepSpeed optimizer offload ({offload}): DeepSpeed "
+                            "steps an offloaded optimizer itself and accelerate would swap in DeepSpeedCPUAdam: use "
+                            "optim.name=adamw with this config (it runs DeepSpeedCPUAdam), or a config without "
+                            "offload (accelerate_configs/zero2.yaml) for 8-bit states")
+        return
+    if "optimizer" not in ds:
+        raise UserError(f'optim.name=deepspeed needs an "optimizer" section in {source}, which has none: add one, '
+                        'e.g. "optimizer": {"type": "AdamW", "params": {"lr": "auto"}}, or use optim.name=adamw')
+    params = ds["optimizer"].setdefault("params", {})
+    for key, ours in DEEPSPEED_OPTIM_KEYS.items():
+        run = [getattr(cfg.optim, k) for k in ours] if isinstance(ours, tuple) else getattr(cfg.optim, ours)
+        value = params.get(key, "auto")
+        if value == "auto":
+            params[key] = run
+        elif (list(value) if isinstance(value, (list, tuple)) else value) != run:
+            keys = "/".join(f"optim.{k}" for k in ours) if isinstance(ours, tuple) else f"optim.{ours}"
+            raise UserError(f'{source} sets optimizer.params.{key}={value} but the run config has {keys}={run}: '
+                            f'set "{key}": "auto" there so the run config decides')
+
+
+def json_scheduler(accelerator: Accelerator) -> bool:
+    """Whether a DeepSpeed JSON defines the LR schedule (a "scheduler" section; optim.name=deepspeed only)."""
+    return (accelerator.distributed_type == DistributedType.DEEPSPEED
+            and "scheduler" in accelerator.state.deepspeed_plugin.deepspeed_config)
+
+
 def verify(accelerator: Accelerator, model, optimizer, cfg: RunConfig) -> dict:
     """After `prepare`: stop unless the requested strategy is the one running; return what runs."""
     requested = Requested.from_env()

@@ -35,6 +35,7 @@ def main(argv=None) -> None:
     cfg = config_lib.load(args.config, args.overrides)
     check_output_dir(cfg)
     accelerator = strategy.make_accelerator(cfg)
+    strategy.check_optimizer(accelerator, cfg)  # an optimizer this strategy can't run stops here, before any work
     set_seed(cfg.train.seed)  # the same initial weights on every rank
     out = Path(cfg.output_dir)
 
@@ -54,7 +55,7 @@ def main(argv=None) -> None:
         model = apply_lora(model, cfg.lora)
     max_steps = count_steps(cfg, len(train_set), accelerator.num_processes)
     optimizer = build_optimizer(model, cfg.optim)
-    scheduler = build_scheduler(optimizer, cfg.optim, max_steps)
+    scheduler = build_scheduler(optimizer, cfg.optim, max_steps, json_scheduler=strategy.json_scheduler(accelerator))
     train_loader = data.train_dataloader(train_set, cfg.train.micro_batch_size, tokenizer.pad_token_id)
     eval_loader = data.eval_dataloader(eval_set, cfg.eval.micro_batch_size, tokenizer.pad_token_id)
 
@@ -90,6 +91,8 @@ def train(cfg: RunConfig, accelerator, model, optimizer, scheduler, train_loader
     model.train()
     while state["step"] < max_steps:
         window = [next(batches) for _ in range(cfg.train.grad_accum_steps)]
+        # Read before backward: a DeepSpeed-owned schedule advances inside the last backward.
+        lr = scheduler.get_last_lr()[0]
         # The step's loss is (sum of token losses over all micro-batches on all ranks) / (their
         # number of target tokens), so count the window's targets first (DESIGN section 4).
         window_targets = accelerator.reduce(
@@ -105,7 +108,6 @@ def train(cfg: RunConfig, accelerator, model, optimizer, scheduler, train_loader
             telemetry.count_tokens(batch["input_ids"].numel() * accelerator.num_processes)
 
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm or math.inf)
-        lr = scheduler.get_last_lr()[0]
         optimizer.step()  # under DeepSpeed, accelerator.backward already stepped the engine
         if not accelerator.optimizer_step_was_skipped:
             scheduler.step()
