@@ -1,17 +1,36 @@
-"""Held-out evaluation: `evaluate_model` (used by training too) and the checkpoint-scoring CLI."""
+"""Held-out evaluation: `evaluate_model` (used by training too) and the checkpoint-scoring CLI.
+
+    python -m toolkit.evaluate --checkpoint runs/x/final --data heldout.jsonl
+    accelerate launch --config_file accelerate_configs/zero3.yaml -m toolkit.evaluate \\
+        --checkpoint runs/x/checkpoints --report runs/x/eval.json
+
+`main` finds what to score (`find_targets`), then per checkpoint: tokenizer -> model -> held-out
+data -> `accelerator.prepare` -> weights -> `evaluate_model` (+ greedy samples) -> one row.
+"""
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import evaluate as hf_evaluate
 import torch
 
+from . import checkpoint as checkpoint_lib, config as config_lib, data, strategy
+from .config import DataConfig, ModelConfig, RunConfig, UserError
 from .data import IGNORE
+from .model import apply_lora, build_model, build_tokenizer, is_preset
 
 METRIC_DIR = Path(__file__).parent / "metrics" / "language_modeling"
 STAT_FIELDS = ("nll", "tokens", "correct", "n_bytes", "documents")
+COLUMNS = ("loss", "perplexity", "bits_per_byte", "accuracy", "tokens", "documents")
 
 
 def load_metric():
@@ -40,6 +59,9 @@ def evaluate_model(model, loader, accelerator, max_batches: int = 0) -> dict:
     metric = load_metric()
     for i, batch in enumerate(loader):
         if max_batches and i >= max_batches:
+            # A prepared loader left mid-epoch would stay registered as accelerate's active one.
+            if hasattr(loader, "end"):
+                loader.end()
             break
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         stats = example_stats(logits, batch["labels"])
@@ -48,3 +70,347 @@ def evaluate_model(model, loader, accelerator, max_batches: int = 0) -> dict:
         metric.add_batch(nll=stats[:, 0].tolist(),
                          **{name: stats[:, j].long().tolist() for j, name in enumerate(STAT_FIELDS) if j})
     return metric.compute()
+
+
+# ---------------------------------------------------------------------------------------------
+# The CLI
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="toolkit.evaluate", description="Score checkpoints on held-out data.")
+    parser.add_argument("--checkpoint", required=True,
+                        help="final/ (HF model or LoRA adapter), checkpoints/step-N, or a run's checkpoints/ folder")
+    parser.add_argument("--data", help="held-out .jsonl/.json/.txt/.csv/.parquet file or hub dataset "
+                                       "(default: the run's own held-out split)")
+    parser.add_argument("--base", help="base model of a LoRA adapter (default: from adapter_config.json or the run)")
+    parser.add_argument("--packed", action="store_true", help="score the packed fixed-length blocks training uses")
+    parser.add_argument("--max-length", type=int, default=0,
+                        help="tokens per window (--packed: per block); default: the model's length (block_size)")
+    parser.add_argument("--stride", type=int, default=0, help="new tokens per rolling window (default: half)")
+    parser.add_argument("--batch-size", type=int, default=8, help="sequences per process per forward")
+    parser.add_argument("--max-batches", type=int, default=0, help="stop after N batches per process (0: all)")
+    parser.add_argument("--report", help="write the results to this JSON file (and a plot next to it)")
+    parser.add_argument("--generate", action="append", default=[], metavar="PROMPT",
+                        help="print a greedy completion of PROMPT per checkpoint (repeatable)")
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    args = parser.parse_args(argv)
+    for flag in ("max_length", "stride", "max_batches"):
+        if getattr(args, flag) < 0:
+            raise UserError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
+    if args.batch_size < 1 or args.max_new_tokens < 1:
+        raise UserError("--batch-size and --max-new-tokens must be >= 1")
+    if args.report and not Path(args.report).resolve().parent.is_dir():
+        raise UserError(f"--report {args.report}: folder {Path(args.report).parent} does not exist; create it first")
+    return args
+
+
+@dataclass
+class Target:
+    """One model to score."""
+    path: Path
+    kind: str
+    """model (HF directory) | adapter (PEFT LoRA directory) | state (resumable checkpoints/step-N)."""
+    run: RunConfig | None
+    """The config.yaml of the run that made it, if there is one (model, LoRA and data settings)."""
+    run_dir: Path | None
+    step: int | None
+
+
+def find_targets(checkpoint: str) -> list[Target]:
+    """What `--checkpoint` names: one model or checkpoint, or every checkpoint of a run plus its final/."""
+    path = Path(checkpoint)
+    fix = "pass a run's final/ directory, a checkpoints/step-N directory or a run's checkpoints/ folder"
+    if not path.exists():
+        raise UserError(f"checkpoint {path} does not exist: {fix}")
+    if not path.is_dir():
+        raise UserError(f"checkpoint {path} is a file, not a directory: {fix}")
+    if (path / "checkpoints").is_dir():  # a run directory: treat it as its checkpoints/ folder
+        path = path / "checkpoints"
+    steps = checkpoint_lib.checkpoint_dirs(path)
+    if steps:
+        targets = [target(p) for p in steps]
+        if (path.parent / "final").is_dir():
+            targets.append(target(path.parent / "final"))
+        return targets
+    return [target(path)]
+
+
+def target(path: Path) -> Target:
+    if (path / checkpoint_lib.STATE_FILE).is_file():
+        run_dir = path.parent.parent  # runs/x/checkpoints/step-N
+        step = json.loads((path / checkpoint_lib.STATE_FILE).read_text())["step"]
+        if not (path / "config.yaml").is_file():
+            raise UserError(f"checkpoint {path} has no config.yaml, so its model is unknown: "
+                            "pass a checkpoint written by toolkit.train, or its run's final/")
+        return Target(path, "state", config_lib.load(path / "config.yaml"), run_dir, step)
+    if (path / "adapter_config.json").is_file():
+        kind = "adapter"
+    elif (path / "config.json").is_file():
+        kind = "model"
+    else:
+        raise UserError(f"{path} is not a model or checkpoint (no config.json, adapter_config.json or "
+                        f"{checkpoint_lib.STATE_FILE} in it): pass a run's final/ directory, a "
+                        "checkpoints/step-N directory or a run's checkpoints/ folder")
+    # An exported model sits in runs/x/final/ (or final/merged/); the run's config is above it.
+    for run_dir in (path.parent, path.parent.parent):
+        if (run_dir / "config.yaml").is_file():
+            run = config_lib.load(run_dir / "config.yaml")
+            return Target(path, kind, run, run_dir, run.runtime.get("max_steps"))
+    return Target(path, kind, None, None, None)
+
+
+def eval_accelerator(targets: list[Target], args):
+    """The accelerator for this launch, through the same strategy code as training (all strategies
+    on CPU too). Its batch settings are the evaluation's: one micro-batch, no accumulation."""
+    first = targets[0]
+    cfg = first.run or RunConfig()
+    cfg = dataclasses.replace(
+        cfg, train=dataclasses.replace(cfg.train, micro_batch_size=args.batch_size, grad_accum_steps=1,
+                                       report_to="none"),
+        output_dir=str(first.run_dir or "."))
+    return strategy.make_accelerator(cfg)
+
+
+def target_tokenizer(target: Target):
+    from transformers import AutoTokenizer
+
+    if target.kind == "state":
+        # Presets keep their trained tokenizer in runs/x/tokenizer/; hub models load theirs by id.
+        return build_tokenizer(target.run.model, cache_dir=target.run_dir / "tokenizer")
+    try:
+        return AutoTokenizer.from_pretrained(target.path)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load a tokenizer from {target.path} ({str(e).splitlines()[0]}): "
+                        "export the model with its tokenizer files") from None
+
+
+def build_target_model(target: Target, tokenizer, base: str | None):
+    """The model with its weights, before `prepare`; a resumable checkpoint under DeepSpeed or FSDP
+    gets its weights after `prepare` (`load_sharded_state`)."""
+    from accelerate.utils import set_seed
+
+    if target.kind == "model":
+        return build_model(ModelConfig(name_or_path=str(target.path)), tokenizer)
+    if target.kind == "adapter":
+        from peft import PeftModel
+
+        adapter = json.loads((target.path / "adapter_config.json").read_text())
+        base = base or adapter.get("base_model_name_or_path") or (target.run and target.run.model.name_or_path)
+        if not base:
+            raise UserError(f"adapter {target.path} does not name its base model: pass --base MODEL")
+        if is_preset(base):
+            # A preset base is random-init and not saved with the adapter: training built it right
+            # after set_seed(train.seed), so the same seed rebuilds the very same weights.
+            set_seed(target.run.train.seed if target.run else RunConfig().train.seed)
+        model = build_model(ModelConfig(name_or_path=base), tokenizer)
+        try:
+            return PeftModel.from_pretrained(model, target.path)
+        except RuntimeError as e:  # size mismatch: not the base it was trained on
+            raise UserError(f"adapter {target.path} does not fit base model {base} ({str(e).splitlines()[-1].strip()}): "
+                            "pass --base with the model it was trained on") from None
+    model_cfg = dataclasses.replace(target.run.model, gradient_checkpointing=False)
+    model = build_model(model_cfg, tokenizer)
+    if target.run.lora.enabled:
+        model = apply_lora(model, target.run.lora)
+    if saved_layout(target.path) == "ddp/single":
+        from safetensors.torch import load_model
+        try:  # the full model, unwrapped, as save_state wrote it
+            load_model(model, target.path / "model.safetensors")
+        except RuntimeError as e:
+            raise UserError(f"checkpoint {target.path} does not match the model its config.yaml describes "
+                            f"({str(e).splitlines()[-1].strip()[:200]}): was it written by another toolkit version?") from None
+    return model
+
+
+def saved_layout(path: Path) -> str:
+    """Which strategy wrote a resumable checkpoint, from the files accelerate's save_state leaves."""
+    if (path / "pytorch_model").is_dir() or any(path.glob("global_step*")):
+        return "deepspeed"
+    if any(path.glob("pytorch_model_fsdp*")):
+        return "fsdp"
+    if (path / "model.safetensors").is_file():
+        return "ddp/single"
+    raise UserError(f"checkpoint {path} holds no model weights (no model.safetensors, pytorch_model/ or "
+                    "pytorch_model_fsdp_0/): it is incomplete; pick another checkpoint")
+
+
+def check_layout(path: Path) -> None:
+    """accelerate restores DeepSpeed and FSDP shards only under the strategy that wrote them."""
+    saved = saved_layout(path)
+    kind = strategy.Requested.from_env().kind
+    running = "ddp/single" if kind in ("ddp", "single") else kind
+    if saved != running:
+        hint = {"deepspeed": "a DeepSpeed config (the one it was trained with, e.g. accelerate_configs/zero3.yaml)",
+                "fsdp": "an FSDP config (e.g. accelerate_configs/fsdp.yaml)",
+                "ddp/single": "plain python -m toolkit.evaluate or a DDP config"}[saved]
+        raise UserError(f"checkpoint {path} was saved under {saved} but this launch runs {running}: evaluate it "
+                        f"under {hint}, or evaluate the run's exported final/ under any launch")
+
+
+def load_sharded_state(accelerator, target: Target) -> None:
+    """After `prepare`, all ranks: each rank reads its part of a DeepSpeed or FSDP checkpoint."""
+    layout = saved_layout(target.path)
+    if layout == "deepspeed":
+        # Weights only: DeepSpeed then rebuilds the fp32 weights from all ZeRO shards, so any
+        # number of processes can read them (optimizer states would need the saving world size).
+        accelerator.load_state(str(target.path), load_optimizer_states=False, load_lr_scheduler_states=False)
+    elif layout == "fsdp":
+        accelerator.load_state(str(target.path))
+
+
+def held_out(args, target: Target, tokenizer, max_positions: int):
+    """The documents to score, tokenized: --data, or the run's own held-out split."""
+    data_cfg = target.run.data if target.run else DataConfig()
+    if args.data:
+        raw = data.load_source(args.data, data_cfg.eval_split)
+    elif target.run:
+        raw = data.load_raw(target.run.data, target.run.train.seed)[1]
+    else:
+        raise UserError(f"{target.path} has no run config.yaml to take the held-out split from: pass --data FILE")
+    fmt = data.detect_format(raw, data_cfg)
+    if args.packed:
+        block_size = args.max_length or data_cfg.block_size
+        data.check_block_size(block_size, max_positions)
+        return packed_blocks(raw, tokenizer, dataclasses.replace(data_cfg, block_size=block_size), fmt)
+    max_length = args.max_length or max_positions
+    data.check_block_size(max_length, max_positions)
+    return data.tokenize_for_eval(raw, tokenizer, data_cfg, fmt, max_length=max_length, stride=args.stride or None)
+
+
+def packed_blocks(raw, tokenizer, data_cfg: DataConfig, fmt: str):
+    """Training's blocks, each with the UTF-8 bytes of the tokens it scores (so bits_per_byte
+    means the same as unpacked) and the documents that start in it (text: each begins with BOS)."""
+    blocks = data.tokenize_for_training(raw, tokenizer, data_cfg, fmt)
+
+    def count(batch):
+        out = {"n_bytes": [], "documents": []}
+        for i, ids in enumerate(batch["input_ids"]):
+            labels = batch["labels"][i] if "labels" in batch else ids
+            scored = [t for t in labels[1:] if t != IGNORE]
+            out["n_bytes"].append(len(tokenizer.decode(scored, skip_special_tokens=True).encode()))
+            out["documents"].append(ids.count(tokenizer.bos_token_id) if fmt == "text" else 1)
+        return out
+
+    return blocks.map(count, batched=True, desc="count bytes")
+
+
+def generate(accelerator, model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[str]:
+    """Greedy completions. Every rank generates: under ZeRO-3/FSDP each forward gathers shards from
+    all ranks, and synced_gpus keeps every rank stepping until the longest one is done."""
+    unwrapped = accelerator.unwrap_model(model)
+    completions = []
+    for prompt in prompts:
+        ids = tokenizer(prompt, return_tensors="pt").to(accelerator.device)
+        out = unwrapped.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
+                                 synced_gpus=accelerator.num_processes > 1, pad_token_id=tokenizer.pad_token_id)
+        completions.append(tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))
+    return completions
+
+
+def score(accelerator, target: Target, args) -> dict:
+    """All ranks: one checkpoint's row of metrics."""
+    if target.kind == "state":
+        check_layout(target.path)
+    tokenizer = target_tokenizer(target)
+    # Outside main_process_first: under ZeRO-3, from_pretrained partitions the weights with
+    # collectives that every rank must join (rank 0 alone would wait forever).
+    model = build_target_model(target, tokenizer, args.base)
+    with accelerator.main_process_first():  # rank 0 fills the datasets cache, the others reuse it
+        eval_set = held_out(args, target, tokenizer, model.config.max_position_embeddings)
+    loader = data.eval_dataloader(eval_set, args.batch_size, tokenizer.pad_token_id)
+    if target.kind == "state" and saved_layout(target.path) == "deepspeed":
+        # A DeepSpeed engine without an optimizer cannot load a checkpoint (ZeRO-3 weights are
+        # restored through the optimizer's partitions): give it an SGD that is never stepped.
+        model, _, loader = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=0.0), loader)
+    else:
+        model, loader = accelerator.prepare(model, loader)
+    if target.kind == "state":
+        load_sharded_state(accelerator, target)
+    row = {"checkpoint": str(target.path), "step": target.step,
+           **evaluate_model(model, loader, accelerator, max_batches=args.max_batches)}
+    if args.generate:
+        row["generations"] = dict(zip(args.generate, generate(accelerator, model, tokenizer, args.generate,
+                                                              args.max_new_tokens)))
+    accelerator.free_memory(model, loader)  # the next checkpoint gets its own engine / FSDP wrapping
+    return row
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    targets = find_targets(args.checkpoint)
+    accelerator = eval_accelerator(targets, args)
+    rows = []
+    for t in targets:
+        row = score(accelerator, t, args)
+        rows.append(row)
+        accelerator.print(format_row(row, header=len(rows) == 1))
+        for prompt, completion in row.get("generations", {}).items():
+            accelerator.print(f"    {prompt!r} -> {completion!r}")
+    best = min(rows, key=lambda r: r["loss"] if not math.isnan(r["loss"]) else math.inf)
+    if len(rows) > 1:
+        accelerator.print(f"best: {best['checkpoint']} (perplexity {best['perplexity']:.4f})")
+    if args.report and accelerator.is_main_process:
+        report = {"data": args.data or "held-out split of the run", "packed": args.packed,
+                  "num_processes": accelerator.num_processes, "best": best["checkpoint"], "results": rows}
+        write_atomically(Path(args.report), json.dumps(report, indent=2) + "\n")
+        if len(rows) > 1:
+            plot(rows, best, Path(args.report).with_suffix(".png"))
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+
+
+def format_row(row: dict, header: bool) -> str:
+    name = row["checkpoint"] if len(row["checkpoint"]) <= 40 else "..." + row["checkpoint"][-37:]
+    line = f"{name:<40} {row['step'] if row['step'] is not None else '-':>6} " + " ".join(
+        f"{row[c]:>13.4f}" if isinstance(row[c], float) else f"{row[c]:>13}" for c in COLUMNS)
+    if not header:
+        return line
+    return f"{'checkpoint':<40} {'step':>6} " + " ".join(f"{c:>13}" for c in COLUMNS) + "\n" + line
+
+
+def write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def plot(rows: list[dict], best: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")  # no display on training machines
+    import matplotlib.pyplot as plt
+
+    points = sorted((r for r in rows if r["step"] is not None), key=lambda r: r["step"])
+    if not points:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4))
+    steps = [r["step"] for r in points]
+    ax.plot(steps, [r["perplexity"] for r in points], "o-", color="tab:blue", label="perplexity")
+    ax.set_xlabel("step")
+    ax.set_ylabel("perplexity", color="tab:blue")
+    loss_ax = ax.twinx()
+    loss_ax.plot(steps, [r["loss"] for r in points], "s--", color="tab:orange", label="loss")
+    loss_ax.set_ylabel("loss (nats / token)", color="tab:orange")
+    if best["step"] is not None:
+        ax.plot([best["step"]], [best["perplexity"]], "*", color="red", markersize=16, label="best")
+        ax.annotate(f"best: {Path(best['checkpoint']).name}", (best["step"], best["perplexity"]),
+                    textcoords="offset points", xytext=(8, 8))
+    ax.legend(loc="upper right")
+    ax.set_title("held-out perplexity by checkpoint")
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def cli() -> None:
+    try:
+        main()
+    except UserError as e:
+        if int(os.environ.get("RANK", "0")) == 0:  # one line, not one per process
+            print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    cli()
