@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -56,13 +57,21 @@ def launch(module: str, args: list[str], config: str | None = "single", extra: l
         cmd = [sys.executable, "-m", module, *args]
     else:
         path = Path(config).with_suffix(".yaml") if "/" in config else ACCELERATE_CONFIGS / f"{config}.yaml"
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(path), *extra,
+        # a free port per launch: the default 29500 may still be held by the previous run's store
+        port = [] if "--machine_rank" in extra else ["--main_process_port", str(free_port())]
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(path), *port, *extra,
                "-m", module, *args]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def metrics(output_dir: Path) -> tuple[list[dict], list[dict]]:

@@ -13,17 +13,24 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import ACCELERATE_CONFIGS, ROOT, launch, metrics, runtime, tiny_run
+from conftest import ACCELERATE_CONFIGS, ROOT, free_port, launch, metrics, runtime, tiny_run
 from toolkit import export, strategy
 from toolkit.config import RunConfig, UserError
 
 CONFIGS = sorted(p.stem for p in ACCELERATE_CONFIGS.glob("*.yaml") if p.stem not in ("single", "ddp"))
-ARGS = {"train.micro_batch_size": 2, "train.grad_accum_steps": 2, "checkpoint.keep_last": 0}
+# Clipping at 0.5 is active on every step (norms are ~1), so every strategy must clip the same way.
+ARGS = {"train.micro_batch_size": 2, "train.grad_accum_steps": 2, "checkpoint.keep_last": 0,
+        "optim.max_grad_norm": 0.5}
 # fp32 everywhere: sharded strategies reduce the same gradients in a different order (reduce-
 # scatter by buckets vs one all-reduce) and DeepSpeed's Adam fuses differently from torch's; over
 # 4 steps that stays below 1e-5 relative in the loss and 1e-4 in the weights (measured ~1e-7 and
 # ~5e-7), while a normalisation or sync bug moves them by 1e-2 or more.
 LOSS_RTOL, WEIGHT_ATOL = 1e-5, 1e-4
+# Except after a restart from an NVMe-offloaded checkpoint: an uninterrupted zero3_nvme run equals
+# DDP to 1e-7, but DeepSpeed does not restore the swapped fp32 optimizer partitions bit for bit
+# (measured: 4e-5 relative at the first resumed step, 6e-4 a step later). Still far from a lost
+# optimizer state, which starts Adam over (several percent).
+RESUME_DRIFT = {"zero3_nvme": (1e-3, 2e-3)}
 
 
 def expected(name: str) -> dict:
@@ -59,10 +66,12 @@ def test_config_trains_resumes_and_exports_like_ddp(name, ddp_run, text_data, tm
     assert info["num_processes"] == 2 and info["mixed_precision"] == "no"
     assert {k: info[k] for k in expected(name)} == expected(name)
 
+    loss_rtol, weight_atol = RESUME_DRIFT.get(name, (LOSS_RTOL, WEIGHT_ATOL))
     ours, ddp = metrics(out)[0], metrics(ddp_run)[0]
     assert [r["step"] for r in ours] == [1, 2, 3, 4]
     for a, b in zip(ddp, ours):
-        assert b["loss"] == pytest.approx(a["loss"], rel=LOSS_RTOL), (name, a["step"])
+        assert b["loss"] == pytest.approx(a["loss"], rel=loss_rtol), (name, a["step"])
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=max(1e-3, 10 * loss_rtol)), (name, a["step"])
 
     # sharding is real: parameters (FSDP, ZeRO-3) and optimizer state (all) about halved per rank
     ddp_state = ddp[-1]["optim_state_numel"]
@@ -72,17 +81,17 @@ def test_config_trains_resumes_and_exports_like_ddp(name, ddp_run, text_data, tm
 
     # the final export and an export of the step-4 checkpoint (toolkit.export) both equal DDP's weights
     export.main(["--checkpoint", str(out / "checkpoints" / "step-000004"), "--out", str(tmp_path / "exported")])
-    assert_same_weights(ddp_run / "final", out / "final", tmp_path / "exported")
+    assert_same_weights(ddp_run / "final", out / "final", tmp_path / "exported", atol=weight_atol)
 
 
-def assert_same_weights(reference_dir: Path, *dirs: Path) -> None:
+def assert_same_weights(reference_dir: Path, *dirs: Path, atol: float = WEIGHT_ATOL) -> None:
     reference = load_file(reference_dir / "model.safetensors")
     for exported in dirs:
         weights = load_file(exported / "model.safetensors")
         # lm_head.weight is tied to the input embedding, so an export may store it or not
         assert set(reference) - set(weights) <= {"lm_head.weight"} and set(weights) <= set(reference)
         for key, value in weights.items():
-            torch.testing.assert_close(value, reference[key], rtol=0, atol=WEIGHT_ATOL, msg=f"{exported} {key}")
+            torch.testing.assert_close(value, reference[key], rtol=0, atol=atol, msg=f"{exported} {key}")
 
 
 WIZARD_DEEPSPEED = """\
@@ -128,11 +137,7 @@ def test_a_deepspeed_config_from_the_wizard_runs_unchanged(ddp_run, text_data, t
 @pytest.mark.distributed
 def test_two_machines_on_loopback(ddp_run, text_data, tmp_path):
     """num_machines: 2, one process each, both on this machine: the launches meet over 127.0.0.1."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     config = yaml.safe_load((ACCELERATE_CONFIGS / "ddp.yaml").read_text())
     config.update(num_machines=2, num_processes=2, main_process_ip="127.0.0.1", main_process_port=port,
                   mixed_precision="no")

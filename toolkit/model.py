@@ -18,8 +18,10 @@ from .config import LoraConfig, ModelConfig, UserError
 # The real OPT shapes (from the published configs); vocab 50272 and 2048 positions throughout.
 _REAL = dict(vocab_size=50272, max_position_embeddings=2048)
 PRESETS: dict[str, dict] = {
-    "tiny-opt": dict(vocab_size=2048, max_position_embeddings=512, hidden_size=64, num_hidden_layers=2,
-                     num_attention_heads=4, ffn_dim=256, word_embed_proj_dim=64, dropout=0.0,
+    # 0.76M parameters: small enough for CPU tests, large enough (> 1 MiB of fp32 optimizer state
+    # per rank on 2 ranks) that DeepSpeed's NVMe offload really swaps, which it skips below that.
+    "tiny-opt": dict(vocab_size=2048, max_position_embeddings=512, hidden_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, ffn_dim=512, word_embed_proj_dim=128, dropout=0.0,
                      attention_dropout=0.0),
     "random-opt-125m": dict(_REAL, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, ffn_dim=3072,
                             word_embed_proj_dim=768),
@@ -92,16 +94,17 @@ def model_config(cfg: ModelConfig, tokenizer) -> OPTConfig:
 
 
 def build_model(cfg: ModelConfig, tokenizer) -> OPTForCausalLM:
-    """Always fp32 weights: mixed precision is the strategy's job (autocast, DeepSpeed or FSDP policy)."""
+    """Always fp32 weights: mixed precision is the strategy's job (autocast, DeepSpeed or FSDP
+    policy), and so is activation checkpointing (strategy.enable_activation_checkpointing)."""
     config = model_config(cfg, tokenizer)
     if is_preset(cfg.name_or_path):
+        # The plain constructor, not from_config: under ZeRO-3 from_config initialises inside
+        # deepspeed.zero.Init, whose random init differs from every other strategy's; built
+        # whole, the same seed gives the same model under all of them (DeepSpeed partitions it).
         model = OPTForCausalLM(config)
     else:
         model = OPTForCausalLM.from_pretrained(cfg.name_or_path, config=config, revision=cfg.revision,
                                                dtype=torch.float32, use_safetensors=None)
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
     return model
 
 
@@ -116,7 +119,4 @@ def apply_lora(model: OPTForCausalLM, cfg: LoraConfig):
                         "q_proj, k_proj, v_proj, out_proj, fc1, fc2")
     peft_config = PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
                                  target_modules=list(cfg.target_modules), task_type="CAUSAL_LM")
-    model = get_peft_model(model, peft_config)
-    if model.base_model.model.is_gradient_checkpointing:
-        model.enable_input_require_grads()  # frozen embeddings would otherwise cut the checkpointed graph
-    return model
+    return get_peft_model(model, peft_config)

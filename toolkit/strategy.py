@@ -21,6 +21,7 @@ from accelerate.utils import DistributedType, GradientAccumulationPlugin, InitPr
 from .config import RunConfig, UserError
 
 # Keys of a DeepSpeed JSON that the run config owns; "auto" (or absent) in the JSON takes the run's value.
+MIN_AIO_BYTES = 2**20  # deepspeed.runtime.swap_tensor.utils.MIN_AIO_BYTES
 DEEPSPEED_RUN_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size",
                       "gradient_clipping")
 
@@ -79,16 +80,19 @@ def make_accelerator(cfg: RunConfig) -> Accelerator:
         plugin = accelerator.state.fsdp_plugin
         if isinstance(plugin.cpu_offload, CPUOffloadPolicy):  # pinned memory needs a GPU
             plugin.cpu_offload = CPUOffloadPolicy(pin_memory=False)
+    enable_cpu_fp16(accelerator)
+    return accelerator
+
+
+def enable_cpu_fp16(accelerator: Accelerator) -> None:
+    """accelerate turns on fp16 autocast and loss scaling only off CPU, and would silently train
+    "fp16" in fp32; torch has both on CPU, so switch them on the way accelerate does on GPU
+    (before `prepare`, which wraps the model's forward in autocast when `native_amp` is set)."""
     if (accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu"
             and accelerator.distributed_type != DistributedType.DEEPSPEED):
-        # accelerate turns on fp16 autocast and loss scaling only off CPU, and would silently train
-        # in fp32; torch has both on CPU, so switch them on the way accelerate does on GPU.
-        from accelerate.utils import get_grad_scaler
-        from accelerate.utils.fsdp_utils import get_fsdp2_grad_scaler
         accelerator.native_amp = True
-        accelerator.scaler = (get_fsdp2_grad_scaler(device="cpu") if accelerator.is_fsdp2
-                              else get_grad_scaler(accelerator.distributed_type, device="cpu"))
-    return accelerator
+        # torch's GradScaler works on CPU and on FSDP2's DTensor gradients alike
+        accelerator.scaler = torch.amp.GradScaler("cpu")
 
 
 def fill_deepspeed_config(plugin, cfg: RunConfig, num_processes: int) -> None:
@@ -186,6 +190,19 @@ def json_scheduler(accelerator: Accelerator) -> bool:
             and "scheduler" in accelerator.state.deepspeed_plugin.deepspeed_config)
 
 
+def enable_activation_checkpointing(accelerator: Accelerator, model) -> str:
+    """Recompute each decoder layer's activations in backward; returns the mechanism used.
+
+    Under FSDP, accelerate wraps every OPTDecoderLayer in torch's checkpoint wrapper before
+    sharding it (call before `prepare`), so recomputation happens inside the layer's all-gather;
+    elsewhere transformers' own (non-reentrant, which also works with frozen LoRA base weights)."""
+    if accelerator.distributed_type == DistributedType.FSDP:
+        accelerator.state.fsdp_plugin.activation_checkpointing = True
+        return "fsdp"
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    return "transformers"
+
+
 def verify(accelerator: Accelerator, model, optimizer, cfg: RunConfig) -> dict:
     """After `prepare`: stop unless the requested strategy is the one running; return what runs."""
     requested = Requested.from_env()
@@ -212,6 +229,11 @@ def verify(accelerator: Accelerator, model, optimizer, cfg: RunConfig) -> dict:
             fail(f"DeepSpeed runs ZeRO stage {stage}, not {wanted_stage}")
         if stage == 3 and requested.world_size > 1 and not sharded:
             fail(f"ZeRO-3 left the parameters unsharded ({local} of {full} elements on this rank)")
+        if _offload_device(model.zero_offload_optimizer()) == "nvme" and local * 4 < MIN_AIO_BYTES:
+            # DeepSpeed keeps optimizer partitions under 1 MiB in memory and then cannot restore
+            # them from a checkpoint: NVMe offload would be neither real nor resumable.
+            raise UserError(f"NVMe optimizer offload needs at least {MIN_AIO_BYTES} bytes of fp32 state per rank; "
+                            f"this model has {local * 4}: use accelerate_configs/zero3_offload.yaml for a model this small")
         info.update(zero_stage=stage, offload_optimizer=_offload_device(model.zero_offload_optimizer()),
                     offload_param=_offload_device(model.zero_offload_param()),
                     mixed_precision="bf16" if model.bfloat16_enabled() else "fp16" if model.fp16_enabled() else "no")

@@ -18,7 +18,7 @@ from accelerate.utils import set_seed
 from . import checkpoint, config as config_lib, data, strategy
 from .config import RunConfig, UserError
 from .evaluate import evaluate_model
-from .model import apply_lora, build_model, build_tokenizer
+from .model import apply_lora, build_model, build_tokenizer, model_config
 from .optim import build_optimizer, build_scheduler
 from .telemetry import Telemetry
 
@@ -45,14 +45,16 @@ def main(argv=None) -> None:
         texts = raw_train[cfg.data.text_field] if fmt == "text" else (
             p + r for p, r in zip(raw_train[cfg.data.prompt_field], raw_train[cfg.data.response_field]))
         tokenizer = build_tokenizer(cfg.model, texts, cache_dir=out / "tokenizer")
-        model = build_model(cfg.model, tokenizer)
-        max_positions = model.config.max_position_embeddings
+        max_positions = model_config(cfg.model, tokenizer).max_position_embeddings
         data.check_block_size(cfg.data.block_size, max_positions)
         train_set = data.tokenize_for_training(raw_train, tokenizer, cfg.data, fmt)
         eval_set = data.tokenize_for_eval(raw_eval, tokenizer, cfg.data, fmt, max_length=max_positions)
 
+    model = build_model(cfg.model, tokenizer)  # all ranks at once: under ZeRO-3 building is collective
     if cfg.lora.enabled:
         model = apply_lora(model, cfg.lora)
+    checkpointing = strategy.enable_activation_checkpointing(accelerator, model) if cfg.model.gradient_checkpointing \
+        else None
     max_steps = count_steps(cfg, len(train_set), accelerator.num_processes)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, max_steps, json_scheduler=strategy.json_scheduler(accelerator))
@@ -63,7 +65,8 @@ def main(argv=None) -> None:
         model, optimizer, train_loader, eval_loader, scheduler)
     cfg.runtime = strategy.verify(accelerator, model, optimizer, cfg)  # stop here if not what was asked
     cfg.runtime["max_steps"] = max_steps
-    cfg.runtime["data_format"] = fmt
+    cfg.runtime.update(data_format=fmt, activation_checkpointing=checkpointing,
+                       trainable_params=sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad))
 
     state = {"step": 0, "epoch": 0, "batch": 0, "tokens": 0}
     resume_from = checkpoint.find_resume(cfg.resume, out)
