@@ -20,7 +20,10 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
         if not param.requires_grad:  # frozen base weights under LoRA never reach the optimizer
             continue
         (no_decay if param.ndim < 2 or "layer_norm" in name else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # No empty groups (LoRA trains matrices only): DeepSpeed drops them and the LR scheduler,
+    # built over the groups we made, would then no longer match the optimizer.
+    return [group for group in groups if group["params"]]
 
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig):
