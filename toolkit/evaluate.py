@@ -247,7 +247,7 @@ def check_layout(path: Path) -> None:
                         f"under {hint}, or evaluate the run's exported final/ under any launch")
 
 
-def load_sharded_state(accelerator, target: Target) -> None:
+def load_sharded_state(accelerator, model, target: Target) -> None:
     """After `prepare`, all ranks: each rank reads its part of a DeepSpeed or FSDP checkpoint."""
     layout = saved_layout(target.path)
     if layout == "deepspeed":
@@ -255,7 +255,10 @@ def load_sharded_state(accelerator, target: Target) -> None:
         # number of processes can read them (optimizer states would need the saving world size).
         accelerator.load_state(str(target.path), load_optimizer_states=False, load_lr_scheduler_states=False)
     elif layout == "fsdp":
-        accelerator.load_state(str(target.path))
+        from accelerate.utils import load_fsdp_model
+
+        # The model part of load_state: its optimizer part would pour the run's AdamW state into our SGD.
+        load_fsdp_model(accelerator.state.fsdp_plugin, accelerator, model, str(target.path))
 
 
 def held_out(args, target: Target, tokenizer, max_positions: int):
@@ -318,14 +321,12 @@ def score(accelerator, target: Target, args) -> dict:
     with accelerator.main_process_first():  # rank 0 fills the datasets cache, the others reuse it
         eval_set = held_out(args, target, tokenizer, model.config.max_position_embeddings)
     loader = data.eval_dataloader(eval_set, args.batch_size, tokenizer.pad_token_id)
-    if target.kind == "state" and saved_layout(target.path) == "deepspeed":
-        # A DeepSpeed engine without an optimizer cannot load a checkpoint (ZeRO-3 weights are
-        # restored through the optimizer's partitions): give it an SGD that is never stepped.
-        model, _, loader = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=0.0), loader)
-    else:
-        model, loader = accelerator.prepare(model, loader)
+    # accelerate's FSDP2 path refuses a model without its optimizer, and a DeepSpeed engine without
+    # one cannot load a checkpoint (ZeRO-3 weights are restored through the optimizer's partitions):
+    # an SGD that is never stepped satisfies both.
+    model, _, loader = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=0.0), loader)
     if target.kind == "state":
-        load_sharded_state(accelerator, target)
+        load_sharded_state(accelerator, model, target)
     row = {"checkpoint": str(target.path), "step": target.step,
            **evaluate_model(model, loader, accelerator, max_batches=args.max_batches)}
     if args.generate:
