@@ -29,4 +29,4 @@ demo: setup
 	$(PY) -m toolkit.evaluate --checkpoint $(DEMO_DIR)/final --report $(DEMO_DIR)/eval_final.json
 
 test: setup
-	$(PY) -m pytest -q -x tests
+	$(PY) -m pytest -q tests

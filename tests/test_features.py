@@ -61,12 +61,21 @@ def fp32_runs(text_data, tmp_path_factory):
 @pytest.mark.parametrize("config", ["ddp", "zero2"])
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_reduced_precision_really_runs(config, precision, fp32_runs, text_data, tmp_path):
-    """Close to fp32 (bf16 keeps ~3 significant digits, fp16 ~4, in the matmuls) but not equal."""
+    if config == "zero2" and precision == "fp16" and not torch.cuda.is_available():
+        # DeepSpeed's CPU accelerator has no fp16: the run must refuse before any work
+        proc = launch("toolkit.train", tiny_run(text_data, tmp_path), config=config,
+                      extra=["--mixed_precision", precision], check=False)
+        assert proc.returncode != 0 and "error: DeepSpeed's cpu accelerator has no fp16" in proc.stderr
+        assert not (tmp_path / "metrics.jsonl").exists()
+        return
+    """Close to fp32 (bf16 keeps ~3 significant digits, fp16 ~4, in the matmuls) but not equal.
+    A freshly initialised model has tiny logits that fp16 represents almost exactly (the first
+    step's loss can agree to 1e-7), so "not equal" is judged over the whole run."""
     launch("toolkit.train", tiny_run(text_data, tmp_path), config=config, extra=["--mixed_precision", precision])
     assert runtime(tmp_path)["mixed_precision"] == precision
     ours, reference = metrics(tmp_path)[0], metrics(fp32_runs["ddp"])[0]
     differences = [abs(b["loss"] - a["loss"]) / a["loss"] for a, b in zip(reference, ours)]
-    assert max(differences) < 1e-2 and min(differences) > 1e-7, differences
+    assert 1e-6 < max(differences) < 1e-2, differences
     if precision == "fp16":
         assert all(r["loss_scale"] > 1 for r in ours)  # dynamic loss scaling is on
 

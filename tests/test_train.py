@@ -90,3 +90,19 @@ def test_resume_continues_exactly_after_a_crash(single_run, text_data, tmp_path)
     assert [r["step"] for r in resumed] == list(range(5, 13))
     for a, b in zip(reference[4:], resumed):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-6) and b["lr"] == a["lr"]
+
+
+def test_bad_input_is_one_error_line_and_destroys_nothing(single_run, text_data, tmp_path):
+    before = (single_run / "metrics.jsonl").read_text()
+    cases = [
+        (tiny_run(text_data, tmp_path / "a", **{"train.max_step": 3}), "did you mean train.max_steps?"),
+        (tiny_run(tmp_path / "missing.jsonl", tmp_path / "b"), "missing.jsonl does not exist"),
+        (tiny_run(text_data, tmp_path / "c", **{"data.block_size": 4096}), "longer than the model allows (512"),
+        (tiny_run(text_data, single_run), "already holds a run: continue it with resume=auto"),
+    ]
+    for args, message in cases:
+        proc = launch("toolkit.train", args, config=None, check=False)
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+        assert [line for line in proc.stderr.splitlines() if line.startswith("error:")] == \
+            [proc.stderr.strip().splitlines()[-1]]
+    assert (single_run / "metrics.jsonl").read_text() == before

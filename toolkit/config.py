@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,6 +21,17 @@ import yaml
 
 class UserError(Exception):
     """Bad input: the message names the problem and the fix. CLIs print it as one line, exit 2."""
+
+
+def run_cli(main) -> None:
+    """Run a command's `main()`: a UserError becomes one `error: ...` line (from rank 0 only, not
+    once per process) and exit status 2, with no traceback."""
+    try:
+        main()
+    except UserError as e:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 @dataclass

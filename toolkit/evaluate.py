@@ -14,8 +14,6 @@ import argparse
 import dataclasses
 import json
 import math
-import os
-import sys
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +22,7 @@ import evaluate as hf_evaluate
 import torch
 
 from . import checkpoint as checkpoint_lib, config as config_lib, data, strategy
-from .config import DataConfig, ModelConfig, RunConfig, UserError
+from .config import DataConfig, ModelConfig, RunConfig, UserError, run_cli
 from .data import IGNORE
 from .model import apply_lora, build_model, build_tokenizer, is_preset
 
@@ -404,14 +402,5 @@ def plot(rows: list[dict], best: dict, path: Path) -> None:
     tmp.replace(path)
 
 
-def cli() -> None:
-    try:
-        main()
-    except UserError as e:
-        if int(os.environ.get("RANK", "0")) == 0:  # one line, not one per process
-            print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-
-
 if __name__ == "__main__":
-    cli()
+    run_cli(main)

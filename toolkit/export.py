@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from . import checkpoint, config as config_lib
-from .config import UserError
+from .config import UserError, run_cli
 from .model import apply_lora, build_model, build_tokenizer
 
 
@@ -71,12 +71,5 @@ def main(argv=None) -> None:
     print(f"exported {args.checkpoint} -> {out}")
 
 
-def cli() -> None:
-    try:
-        main()
-    except UserError as e:
-        raise SystemExit(f"error: {e}") from None
-
-
 if __name__ == "__main__":
-    cli()
+    run_cli(main)

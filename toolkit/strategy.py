@@ -63,6 +63,11 @@ def make_accelerator(cfg: RunConfig) -> Accelerator:
         handlers = [InitProcessGroupKwargs(backend="gloo")] if on_cpu else []
         accelerator = Accelerator(kwargs_handlers=handlers, **common)
         fill_deepspeed_config(accelerator.state.deepspeed_plugin, cfg, accelerator.num_processes)
+        from deepspeed.accelerator import get_accelerator
+        if accelerator.state.deepspeed_plugin.deepspeed_config.get("fp16", {}).get("enabled") is True \
+                and not get_accelerator().is_fp16_supported():
+            raise UserError(f"DeepSpeed's {get_accelerator().device_name()} accelerator has no fp16: launch with "
+                            "--mixed_precision bf16 (or no), or use fsdp/ddp for fp16 here")
     elif on_cpu and requested.world_size > 1:
         # Without CUDA, a MULTI_GPU/FSDP config makes each process believe it is alone. Start the
         # gloo process group as MULTI_CPU first...

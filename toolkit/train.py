@@ -16,7 +16,7 @@ import torch
 from accelerate.utils import set_seed
 
 from . import checkpoint, config as config_lib, data, strategy
-from .config import RunConfig, UserError
+from .config import RunConfig, UserError, run_cli
 from .evaluate import evaluate_model
 from .model import apply_lora, build_model, build_tokenizer, model_config
 from .optim import build_optimizer, build_scheduler
@@ -193,12 +193,5 @@ def _item(value) -> float | None:
     return None if value is None else float(value)
 
 
-def cli() -> None:
-    try:
-        main()
-    except UserError as e:
-        raise SystemExit(f"error: {e}") from None
-
-
 if __name__ == "__main__":
-    cli()
+    run_cli(main)
