@@ -16,7 +16,9 @@ from toolkit.config import OptimConfig, RunConfig, UserError
 from toolkit.model import PRESETS
 from toolkit.optim import build_optimizer, build_scheduler, param_groups
 
-DS_OPTIMIZER = {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"}}
+def ds_optimizer() -> dict:
+    """A fresh section each time: check_optimizer fills "auto" values in place."""
+    return {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"}}
 
 
 def tiny_opt() -> OPTForCausalLM:
@@ -129,7 +131,7 @@ def test_deepspeed_owned_optimizer_combinations(tmp_path, monkeypatch):
             check("deepspeed", fake_accelerator(config))
     with pytest.raises(UserError, match='optim.name=deepspeed needs an "optimizer" section in .*zero2.json'):
         check("deepspeed", fake_accelerator("zero2", tmp_path, monkeypatch=monkeypatch))
-    with_optimizer = fake_accelerator("zero2", tmp_path, {"optimizer": DS_OPTIMIZER}, monkeypatch)
+    with_optimizer = fake_accelerator("zero2", tmp_path, {"optimizer": ds_optimizer()}, monkeypatch)
     for name in ("adamw", "adamw_8bit"):
         with pytest.raises(UserError, match=f'ds.json has its own "optimizer" section.*optim.name={name}: set '
                                             "optim.name=deepspeed"):
@@ -178,7 +180,7 @@ def test_8bit_adamw_under_zero2_keeps_8bit_state(zero2_adamw, text_data, tmp_pat
 def test_deepspeed_owned_optimizer_trains_like_torch_adamw(zero2_adamw, text_data, tmp_path):
     """The JSON's AdamW, built by DeepSpeed, with the run config's lr, decay and LR schedule."""
     ds = json.loads((ROOT / "ds_configs" / "zero2.json").read_text())
-    (tmp_path / "ds.json").write_text(json.dumps({**ds, "optimizer": DS_OPTIMIZER}))
+    (tmp_path / "ds.json").write_text(json.dumps({**ds, "optimizer": ds_optimizer()}))
     acc = yaml.safe_load((ACCELERATE_CONFIGS / "zero2.yaml").read_text())
     acc["deepspeed_config"]["deepspeed_config_file"] = str(tmp_path / "ds.json")
     (tmp_path / "acc.yaml").write_text(yaml.safe_dump(acc))
