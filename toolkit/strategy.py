@@ -281,6 +281,11 @@ def sharded_numel(model) -> tuple[int, int]:
     return local, full
 
 
+def trainable_numel(model) -> int:
+    """Elements of the parameters that train (all of them, or only the LoRA adapters)."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
+
+
 def innermost(optimizer):
     """The optimizer that updates the weights, under accelerate's and DeepSpeed's wrappers."""
     while hasattr(optimizer, "optimizer"):

@@ -53,8 +53,9 @@ def main(argv=None) -> None:
     model = build_model(cfg.model, tokenizer)  # all ranks at once: under ZeRO-3 building is collective
     if cfg.lora.enabled:
         model = apply_lora(model, cfg.lora)
-    checkpointing = strategy.enable_activation_checkpointing(accelerator, model) if cfg.model.gradient_checkpointing \
-        else None
+    checkpointing = None
+    if cfg.model.gradient_checkpointing:
+        checkpointing = strategy.enable_activation_checkpointing(accelerator, model)
     max_steps = count_steps(cfg, len(train_set), accelerator.num_processes)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, max_steps, json_scheduler=strategy.json_scheduler(accelerator))
@@ -64,9 +65,8 @@ def main(argv=None) -> None:
     model, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(
         model, optimizer, train_loader, eval_loader, scheduler)
     cfg.runtime = strategy.verify(accelerator, model, optimizer, cfg)  # stop here if not what was asked
-    cfg.runtime["max_steps"] = max_steps
-    cfg.runtime.update(data_format=fmt, activation_checkpointing=checkpointing,
-                       trainable_params=sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad))
+    cfg.runtime.update(max_steps=max_steps, data_format=fmt, activation_checkpointing=checkpointing,
+                       trainable_params=strategy.trainable_numel(model))
 
     state = {"step": 0, "epoch": 0, "batch": 0, "tokens": 0}
     resume_from = checkpoint.find_resume(cfg.resume, out)
