@@ -69,6 +69,9 @@ def find_resume(resume: str, output_dir: str | Path) -> Path | None:
 def load(accelerator, path: Path) -> dict:
     """Restore every rank's state from `path`; returns the toolkit's trainer state."""
     accelerator.load_state(str(path))
+    if (path / "pytorch_model" / "offloaded_tensors").is_dir():
+        accelerator.print(f"warning: {path} was saved with NVMe offload; DeepSpeed restores its optimizer state "
+                          "only approximately (see README, Known limits)")
     return json.loads((path / STATE_FILE).read_text())
 
 

@@ -22,6 +22,10 @@ from .model import apply_lora, build_model, build_tokenizer
 
 def consolidated_state_dict(step_dir: Path) -> dict[str, torch.Tensor]:
     """The full fp32 state dict of the trained module, gathered from whatever shards it was saved in."""
+    if (step_dir / "pytorch_model" / "offloaded_tensors").is_dir():
+        raise UserError(f"{step_dir} was saved with NVMe offload: its fp32 weights sit in DeepSpeed swap files that "
+                        "zero_to_fp32 cannot read; use the run's final/, or evaluate the checkpoint under the same "
+                        "zero3_nvme launch")
     if (step_dir / "pytorch_model").is_dir():
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
         return get_fp32_state_dict_from_zero_checkpoint(str(step_dir), tag="pytorch_model")
