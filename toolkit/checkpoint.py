@@ -1,9 +1,10 @@
-"""Resumable checkpoints and the final export.
+"""Checkpoints: the one module that knows their layouts. Save, find and resume training state;
+load a checkpoint's model (for evaluation and export); write Hugging Face model directories.
 
-A checkpoint is `accelerator.save_state` (model, optimizer, scheduler, RNG; whatever the strategy)
-plus the toolkit's own `trainer_state.json` (step, data position) and the run's `config.yaml`.
-It is written to `step-N.tmp/` and renamed to `step-N/` only once complete, so a crash never
-leaves a half-written checkpoint that looks complete.
+A resumable checkpoint `checkpoints/step-000200/` is `accelerator.save_state` (model, optimizer,
+scheduler, RNG; in the strategy's own layout) plus the toolkit's `trainer_state.json` (step,
+data position) and the run's `config.yaml`. It is written to `step-000200.tmp/` and renamed only
+once complete, so a crash never leaves a half-written checkpoint that looks complete.
 """
 
 from __future__ import annotations
@@ -11,17 +12,24 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import time
 from pathlib import Path
 
-from . import config as config_lib
-from .config import UserError
+from . import config as config_lib, job
+from .config import RunConfig, UserError
+from .files import replaced_dir
 
 STATE_FILE = "trainer_state.json"
 STEP_DIR = re.compile(r"^step-(\d+)$")
+# What a resumed run must share with the checkpoint: anything else would silently train another
+# model or another data order. (Step counts, cadences, evaluation and output settings may change.)
+MUST_MATCH = ("model.name_or_path", "model.revision", "data.train", "data.eval", "data.eval_fraction",
+              "data.block_size", "data.format", "data.split", "train.seed", "optim.name", "lora.enabled", "lora.r",
+              "lora.alpha", "lora.target_modules")
 
 
 def checkpoint_dirs(root: str | Path) -> list[Path]:
-    """Complete checkpoints under `root`, oldest first."""
+    """Complete checkpoints under `root`, oldest first (`*.tmp` leftovers of a crash are not)."""
     root = Path(root)
     if not root.is_dir():
         return []
@@ -29,27 +37,54 @@ def checkpoint_dirs(root: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
 
 
-def save(accelerator, output_dir: str | Path, cfg, trainer_state: dict, keep_last: int) -> Path:
-    """All ranks call this (save_state gathers or writes shards on every rank)."""
-    root = Path(output_dir) / "checkpoints"
+def layout(path: Path) -> str:
+    """Which strategy wrote a resumable checkpoint, from the files `save_state` leaves:
+    deepspeed (ZeRO shards in pytorch_model/), fsdp (distributed-checkpoint shards) or full."""
+    if (path / "pytorch_model").is_dir():
+        return "deepspeed"
+    if (path / "pytorch_model_fsdp_0").is_dir():
+        return "fsdp"
+    if (path / "model.safetensors").is_file():
+        return "full"
+    raise UserError(f"{path} holds no model weights in a layout the toolkit writes (model.safetensors, "
+                    "pytorch_model/ or pytorch_model_fsdp_0/): it is incomplete; pick another checkpoint")
+
+
+# --- saving and resuming ------------------------------------------------------------------------
+
+
+def save(accelerator, cfg: RunConfig, trainer_state: dict, keep: Path | None = None) -> Path:
+    """All ranks (save_state gathers or writes shards on every rank). Keeps the newest
+    `checkpoint.keep_last`, never `keep` (the checkpoint this run resumed from)."""
+    root = Path(cfg.output_dir) / "checkpoints"
     final = root / f"step-{trainer_state['step']:06d}"
     tmp = final.with_name(final.name + ".tmp")
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a crash while saving this very step
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=2))
-        config_lib.save(cfg, tmp / "config.yaml")
-        if final.exists():  # the same step saved again after a resume: replace it whole
-            shutil.rmtree(final)
-        tmp.rename(final)
-        if keep_last:
-            for old in checkpoint_dirs(root)[:-keep_last]:
-                shutil.rmtree(old)
-    accelerator.wait_for_everyone()
+    with job.stop_together(accelerator, _save_failed(root, final)):
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a crash while saving this very step
+            tmp.mkdir(parents=True)
+    with job.stop_together(accelerator, _save_failed(root, final)):
+        accelerator.save_state(str(tmp))  # all ranks
+        if accelerator.is_main_process:
+            (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=2))
+            config_lib.save(cfg, tmp / "config.yaml")
+            if final.exists():  # the same step saved again after a resume: replace it whole
+                shutil.rmtree(final)
+            tmp.rename(final)
+            if cfg.checkpoint.keep_last:
+                for old in checkpoint_dirs(root)[:-cfg.checkpoint.keep_last]:
+                    if keep is None or old.resolve() != keep.resolve():
+                        shutil.rmtree(old)
     return final
+
+
+def _save_failed(root: Path, final: Path):
+    def message(error: Exception) -> str:
+        earlier = [p.name for p in checkpoint_dirs(root) if p != final]
+        kept = f"earlier checkpoints are intact (newest: {earlier[-1]})" if earlier else "no earlier checkpoint exists"
+        return (f"could not write checkpoint {final} ({getattr(error, 'strerror', None) or error}); {kept}: "
+                "free space or fix permissions, then resume=auto")
+    return message
 
 
 def find_resume(resume: str, output_dir: str | Path) -> Path | None:
@@ -60,19 +95,140 @@ def find_resume(resume: str, output_dir: str | Path) -> Path | None:
         found = checkpoint_dirs(Path(output_dir) / "checkpoints")
         return found[-1] if found else None
     path = Path(resume)
-    if not (path / STATE_FILE).is_file():
-        raise UserError(f"resume={resume} is not a complete checkpoint (no {STATE_FILE}): "
+    if not (path / STATE_FILE).is_file() or not (path / "config.yaml").is_file():
+        raise UserError(f"resume={resume} is not a complete checkpoint (no {STATE_FILE} or config.yaml): "
                         "point it to a checkpoints/step-N directory, or use resume=auto")
     return path
 
 
-def load(accelerator, path: Path) -> dict:
-    """Restore every rank's state from `path`; returns the toolkit's trainer state."""
+def check_resume(path: Path, cfg: RunConfig, num_processes: int, running_layout: str) -> dict:
+    """Before any state is loaded: the checkpoint's trainer state, its data position mapped to this
+    run. Refuses what would silently train something else: another model or data, another global
+    batch, or a sharded optimizer state saved by another number of ranks."""
+    saved = config_lib.load(path / "config.yaml")
+    changed = [f"{key} {config_lib.get(saved, key)!r} -> {config_lib.get(cfg, key)!r}"
+               for key in MUST_MATCH if config_lib.get(saved, key) != config_lib.get(cfg, key)]
+    saved_procs = saved.runtime.get("num_processes", num_processes)
+    saved_global = saved.train.global_batch_size(saved_procs)
+    if saved_global != cfg.train.global_batch_size(num_processes):
+        changed.append(f"global batch {saved_global} -> {cfg.train.global_batch_size(num_processes)} "
+                       "(micro_batch_size x grad_accum_steps x processes)")
+    if changed:
+        raise UserError(f"cannot resume {path}: the run differs from it in {'; '.join(changed)}: "
+                        "resume with the checkpoint's settings, or start a new output_dir")
+    saved_layout = layout(path)
+    if saved_procs != num_processes and saved_layout != "full":
+        raise UserError(f"cannot resume {path} on {num_processes} processes: it was saved by {saved_procs} "
+                        f"{saved_layout} ranks, whose sharded optimizer state only that many can load: launch "
+                        f"with --num_processes {saved_procs}")
+    if saved_layout != running_layout:
+        raise UserError(f"cannot resume {path} under this strategy: it holds {saved_layout} state; launch with the "
+                        "accelerate config it was trained with (or export it and start a new run from the export)")
+    state = json.loads((path / STATE_FILE).read_text())
+    # The same global batch is the same consecutive samples of the seeded order per step, however
+    # it is split, so the position maps by samples seen (exact, also for a new micro batch).
+    samples = state["batch"] * saved.train.micro_batch_size * saved_procs
+    state["batch"] = samples // (cfg.train.micro_batch_size * num_processes)
+    return state
+
+
+def resume(accelerator, path: Path) -> None:
+    """All ranks: restore model, optimizer, scheduler and RNG from `path`."""
     accelerator.load_state(str(path))
     if (path / "pytorch_model" / "offloaded_tensors").is_dir():
         accelerator.print(f"warning: {path} was saved with NVMe offload; DeepSpeed restores its optimizer state "
                           "only approximately (see README, Known limits)")
-    return json.loads((path / STATE_FILE).read_text())
+
+
+def set_aside_newer(path: Path, output_dir: str | Path) -> list[Path]:
+    """After resuming an older checkpoint of this run, move the newer ones (an abandoned future) to
+    checkpoints/abandoned-<time>/, so resume=auto can never jump back to them. Main process."""
+    root = Path(output_dir) / "checkpoints"
+    if path.resolve().parent != root.resolve():
+        return []
+    step = int(STEP_DIR.match(path.name).group(1))
+    newer = [p for p in checkpoint_dirs(root) if int(STEP_DIR.match(p.name).group(1)) > step]
+    if newer:
+        aside = root / f"abandoned-{time.strftime('%Y%m%d-%H%M%S')}"
+        aside.mkdir()
+        for p in newer:
+            p.rename(aside / p.name)
+    return newer
+
+
+# --- a checkpoint's model -----------------------------------------------------------------------
+
+
+def run_model(step_dir: Path):
+    """(untrained model, tokenizer, run config) as the run that wrote `step_dir` built them."""
+    from .model import apply_lora, build_model, build_tokenizer
+
+    if not (step_dir / STATE_FILE).is_file() or not (step_dir / "config.yaml").is_file():
+        raise UserError(f"{step_dir} is not a complete toolkit checkpoint (no {STATE_FILE} or config.yaml)")
+    cfg = config_lib.load(step_dir / "config.yaml")
+    # Presets keep their trained tokenizer in runs/x/tokenizer/; hub models load theirs by id.
+    tokenizer = build_tokenizer(cfg.model, cache_dir=step_dir.parent.parent / "tokenizer")
+    model = build_model(cfg.model, tokenizer)
+    if cfg.lora.enabled:
+        model = apply_lora(model, cfg.lora)
+    return model, tokenizer, cfg
+
+
+def consolidated_state_dict(step_dir: Path) -> dict:
+    """The full fp32 state dict of the trained module, gathered on CPU from whatever shards it was saved in."""
+    from safetensors.torch import load_file
+
+    kind = layout(step_dir)
+    if kind == "deepspeed":
+        if (step_dir / "pytorch_model" / "offloaded_tensors").is_dir():
+            raise UserError(f"{step_dir} was saved with NVMe offload: its fp32 weights sit in DeepSpeed swap files "
+                            "that zero_to_fp32 cannot read; use the run's final/, or evaluate the checkpoint under "
+                            "the same zero3_nvme launch")
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        return get_fp32_state_dict_from_zero_checkpoint(str(step_dir), tag="pytorch_model")
+    if kind == "fsdp":
+        import tempfile
+
+        from accelerate.utils import merge_fsdp_weights
+        with tempfile.TemporaryDirectory() as tmp:
+            merge_fsdp_weights(str(step_dir / "pytorch_model_fsdp_0"), tmp, safe_serialization=True)
+            return load_file(Path(tmp) / "model.safetensors")
+    return load_file(step_dir / "model.safetensors")
+
+
+def load_weights(model, state_dict: dict, source: Path) -> None:
+    """Load a full state dict; every key must fit (a tied lm_head may be absent: it is the embedding)."""
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    missing = [k for k in missing if not k.endswith("lm_head.weight")]
+    if missing or unexpected:
+        raise UserError(f"{source} does not match its model: missing {missing[:3]}, unexpected {unexpected[:3]}: "
+                        "was it written by another toolkit version or for another model?")
+    model.tie_weights()
+
+
+def load_model(step_dir: str | Path):
+    """(trained model, tokenizer, run config) on CPU from a resumable checkpoint of any strategy."""
+    step_dir = Path(step_dir)
+    model, tokenizer, cfg = run_model(step_dir)
+    load_weights(model, consolidated_state_dict(step_dir), step_dir)
+    return model, tokenizer, cfg
+
+
+def load_sharded_weights(accelerator, model, step_dir: Path) -> None:
+    """After `prepare`, all ranks, under the strategy that wrote `step_dir`: each rank reads its own
+    part, so no rank ever holds the whole model (weights only, any number of processes)."""
+    if layout(step_dir) == "deepspeed":
+        # DeepSpeed rebuilds the fp32 weights from all ZeRO shards; optimizer states would need
+        # the saving world size.
+        accelerator.load_state(str(step_dir), load_optimizer_states=False, load_lr_scheduler_states=False)
+    else:
+        from accelerate.utils import load_fsdp_model
+
+        # The model part of load_state: its optimizer part needs the run's optimizer.
+        load_fsdp_model(accelerator.state.fsdp_plugin, accelerator, model, str(step_dir))
+
+
+# --- Hugging Face model directories -------------------------------------------------------------
 
 
 def export(accelerator, model, tokenizer, out: str | Path, merge_lora: bool = False) -> None:
@@ -89,20 +245,16 @@ def export(accelerator, model, tokenizer, out: str | Path, merge_lora: bool = Fa
 def write_hf_model(model, state_dict: dict, tokenizer, out: Path, merge_lora: bool = False) -> None:
     """safetensors weights + config + tokenizer that plain transformers loads; for a LoRA model the
     adapter (peft picks its weights out of the full state dict), and with `merge_lora` also
-    `merged/`, a full model. Written beside `out` and renamed, so `out` is never half-written."""
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    if merge_lora:
-        merged_model(model, state_dict).save_pretrained(tmp / "merged", safe_serialization=True)
-        tokenizer.save_pretrained(tmp / "merged")
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    `merged/`, a full model."""
+    with replaced_dir(out) as tmp:
+        model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if merge_lora:
+            merged_model(model, state_dict, out).save_pretrained(tmp / "merged", safe_serialization=True)
+            tokenizer.save_pretrained(tmp / "merged")
 
 
-def merged_model(peft_model, state_dict: dict):
+def merged_model(peft_model, state_dict: dict, source: Path):
     """A fresh full model on CPU with the LoRA weights folded in (the live one may be sharded, so
     it is rebuilt from the full state dict rather than merged in place)."""
     import copy
@@ -112,6 +264,5 @@ def merged_model(peft_model, state_dict: dict):
 
     base = OPTForCausalLM(copy.deepcopy(peft_model.base_model.model.config))
     fresh = get_peft_model(base, copy.deepcopy(peft_model.peft_config["default"]))
-    fresh.load_state_dict({k: v.float().cpu() for k, v in state_dict.items()}, strict=False)
-    fresh.tie_weights()
+    load_weights(fresh, {k: v.float().cpu() for k, v in state_dict.items()}, source)
     return fresh.merge_and_unload()

@@ -2,7 +2,7 @@
 
 The key names are the toolkit's public surface. Loading validates everything up front so a bad
 config fails before any process group, model or data is touched. This module imports nothing
-from the package (DESIGN section 2).
+from the package, so every other module can import it.
 """
 
 from __future__ import annotations
@@ -23,15 +23,29 @@ class UserError(Exception):
     """Bad input: the message names the problem and the fix. CLIs print it as one line, exit 2."""
 
 
+class PeerStopped(Exception):
+    """Another rank stopped with an error, which it reports; this rank only exits."""
+
+
 def run_cli(main) -> None:
-    """Run a command's `main()`: a UserError becomes one `error: ...` line (from rank 0 only, not
-    once per process) and exit status 2, with no traceback."""
+    """Run a command's `main()`: a UserError becomes one `error: ...` line (from the main process,
+    not once per process) and exit status 2, with no traceback; so does losing another rank."""
     try:
         main()
     except UserError as e:
-        if int(os.environ.get("RANK", "0")) == 0:
+        if int(os.environ.get("RANK", "0")) == 0 or getattr(e, "print_here", False):
             print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    except PeerStopped:
+        raise SystemExit(2) from None
+    except RuntimeError as e:
+        # torch.distributed's errors when a peer died or stalled past train.collective_timeout
+        if not (type(e).__name__.startswith("Dist") or "gloo" in str(e) or "NCCL" in str(e)):
+            raise
+        print(f"error: rank {os.environ.get('RANK', '0')} lost contact with another rank, which died or stalled "
+              f"past train.collective_timeout ({str(e).strip().splitlines()[-1][:200]}): see that rank's output "
+              "above; resume=auto continues from the last checkpoint", file=sys.stderr)
+        raise SystemExit(3) from None
 
 
 @dataclass
@@ -80,6 +94,14 @@ class TrainConfig:
     """Log every N optimizer steps (metrics.jsonl and trackers)."""
     report_to: str = "none"
     """Extra tracker for accelerate: none | tensorboard | wandb | all."""
+    max_bad_steps: int = 3
+    """Stop after this many optimizer steps in a row with a non-finite loss or gradient (each is skipped)."""
+    collective_timeout: float = 600.0
+    """Seconds a collective (all-reduce, barrier, ...) may wait for a dead or stalled rank before the job ends."""
+
+    def global_batch_size(self, num_processes: int) -> int:
+        """Sequences per optimizer step over all ranks."""
+        return self.micro_batch_size * self.grad_accum_steps * num_processes
 
 
 @dataclass
@@ -149,6 +171,7 @@ CHOICES = {
     "train.report_to": ("none", "tensorboard", "wandb", "all"),
 }
 POSITIVE = ("data.block_size", "train.micro_batch_size", "train.grad_accum_steps", "train.log_every",
+            "train.max_bad_steps", "train.collective_timeout",
             "eval.micro_batch_size", "lora.r", "lora.alpha", "optim.lr")
 NON_NEGATIVE = ("train.max_steps", "train.epochs", "optim.weight_decay", "optim.warmup_steps",
                 "optim.max_grad_norm", "eval.every", "eval.max_batches", "checkpoint.every",

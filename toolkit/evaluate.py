@@ -14,64 +14,21 @@ import argparse
 import dataclasses
 import json
 import math
-import uuid
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import evaluate as hf_evaluate
 import torch
 
-from . import checkpoint as checkpoint_lib, config as config_lib, data, strategy
+from . import checkpoint as checkpoint_lib, config as config_lib, data, job, strategy
 from .config import DataConfig, ModelConfig, RunConfig, UserError, run_cli
 from .data import IGNORE
-from .model import apply_lora, build_model, build_tokenizer, is_preset
+from .files import replaced_file, write_text
+from .model import build_model, is_preset
+from .validation import evaluate_model
 
-METRIC_DIR = Path(__file__).parent / "metrics" / "language_modeling"
-STAT_FIELDS = ("nll", "tokens", "correct", "n_bytes", "documents")
 COLUMNS = ("loss", "perplexity", "bits_per_byte", "accuracy", "tokens", "documents")
-
-
-def load_metric():
-    # By local path: hub metric names need the Hub. A unique id per call keeps concurrent
-    # processes and evaluations from sharing evaluate's cache files.
-    return hf_evaluate.load(str(METRIC_DIR), keep_in_memory=True, experiment_id=uuid.uuid4().hex)
-
-
-def example_stats(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Per example: [sum NLL, predicted tokens, correct argmax] over the shifted, non-ignored labels."""
-    logits, targets = logits[:, :-1].float(), labels[:, 1:]
-    mask = targets != IGNORE
-    nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets.clamp(min=0), reduction="none")
-    correct = (logits.argmax(-1) == targets) & mask
-    return torch.stack([(nll * mask).sum(1, dtype=torch.float64), mask.sum(1).double(), correct.sum(1).double()], 1)
-
-
-@torch.no_grad()
-def evaluate_model(model, loader, accelerator, max_batches: int = 0) -> dict:
-    """Every rank calls this (under ZeRO-3 and FSDP each forward needs all ranks).
-
-    Each rank scores its share of the loader; `gather_for_metrics` collects the per-example sums
-    and drops the duplicates accelerate adds to even out the last batch, so every held-out
-    example counts exactly once whatever the number of processes."""
-    model.eval()
-    metric = load_metric()
-    for i, batch in enumerate(loader):
-        if max_batches and i >= max_batches:
-            # A prepared loader left mid-epoch would stay registered as accelerate's active one.
-            if hasattr(loader, "end"):
-                loader.end()
-            break
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        stats = example_stats(logits, batch["labels"])
-        counts = [batch[k].double() if k in batch else torch.zeros_like(stats[:, 0]) for k in ("n_bytes", "documents")]
-        stats = accelerator.gather_for_metrics(torch.cat([stats, torch.stack(counts, 1)], 1)).cpu()
-        metric.add_batch(nll=stats[:, 0].tolist(),
-                         **{name: stats[:, j].long().tolist() for j, name in enumerate(STAT_FIELDS) if j})
-    return metric.compute()
-
-
-# ---------------------------------------------------------------------------------------------
-# The CLI
+PRECISIONS = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -91,6 +48,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--generate", action="append", default=[], metavar="PROMPT",
                         help="print a greedy completion of PROMPT per checkpoint (repeatable)")
     parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                        help="compute precision of the forward passes (default fp32: exact, and cheap for scoring); "
+                             "overrides the launch's --mixed_precision")
     args = parser.parse_args(argv)
     for flag in ("max_length", "stride", "max_batches"):
         if getattr(args, flag) < 0:
@@ -159,7 +119,9 @@ def target(path: Path) -> Target:
 
 def eval_accelerator(targets: list[Target], args):
     """The accelerator for this launch, through the same strategy code as training (all strategies
-    on CPU too). Its batch settings are the evaluation's: one micro-batch, no accumulation."""
+    on CPU too). Its batch settings are the evaluation's: one micro-batch, no accumulation; its
+    precision is `--precision`, whatever the launch said."""
+    os.environ["ACCELERATE_MIXED_PRECISION"] = PRECISIONS[args.precision]
     first = targets[0]
     cfg = first.run or RunConfig()
     cfg = dataclasses.replace(
@@ -169,94 +131,47 @@ def eval_accelerator(targets: list[Target], args):
     return strategy.make_accelerator(cfg)
 
 
-def target_tokenizer(target: Target):
+def load_target(accelerator, target: Target, base: str | None):
+    """(model, tokenizer, loads_after_prepare). A resumable checkpoint saved under the strategy
+    that runs now is read shard by shard after `prepare` (no rank holds the whole model); one of
+    another strategy is consolidated on CPU first."""
     from transformers import AutoTokenizer
 
     if target.kind == "state":
-        # Presets keep their trained tokenizer in runs/x/tokenizer/; hub models load theirs by id.
-        return build_tokenizer(target.run.model, cache_dir=target.run_dir / "tokenizer")
+        sharded_here = checkpoint_lib.layout(target.path) == strategy.checkpoint_layout(accelerator) != "full"
+        if sharded_here:
+            model, tokenizer, _ = checkpoint_lib.run_model(target.path)
+            return model, tokenizer, True
+        model, tokenizer, _ = checkpoint_lib.load_model(target.path)
+        return model, tokenizer, False
     try:
-        return AutoTokenizer.from_pretrained(target.path)
+        tokenizer = AutoTokenizer.from_pretrained(target.path)
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load a tokenizer from {target.path} ({str(e).splitlines()[0]}): "
                         "export the model with its tokenizer files") from None
-
-
-def build_target_model(target: Target, tokenizer, base: str | None):
-    """The model with its weights, before `prepare`; a resumable checkpoint under DeepSpeed or FSDP
-    gets its weights after `prepare` (`load_sharded_state`)."""
-    from accelerate.utils import set_seed
-
     if target.kind == "model":
-        return build_model(ModelConfig(name_or_path=str(target.path)), tokenizer)
-    if target.kind == "adapter":
-        from peft import PeftModel
-
-        adapter = json.loads((target.path / "adapter_config.json").read_text())
-        base = base or adapter.get("base_model_name_or_path") or (target.run and target.run.model.name_or_path)
-        if not base:
-            raise UserError(f"adapter {target.path} does not name its base model: pass --base MODEL")
-        if is_preset(base):
-            # A preset base is random-init and not saved with the adapter: training built it right
-            # after set_seed(train.seed), so the same seed rebuilds the very same weights.
-            set_seed(target.run.train.seed if target.run else RunConfig().train.seed)
-        model = build_model(ModelConfig(name_or_path=base), tokenizer)
-        try:
-            return PeftModel.from_pretrained(model, target.path)
-        except RuntimeError as e:  # size mismatch: not the base it was trained on
-            raise UserError(f"adapter {target.path} does not fit base model {base} ({str(e).splitlines()[-1].strip()}): "
-                            "pass --base with the model it was trained on") from None
-    model_cfg = dataclasses.replace(target.run.model, gradient_checkpointing=False)
-    model = build_model(model_cfg, tokenizer)
-    if target.run.lora.enabled:
-        model = apply_lora(model, target.run.lora)
-    if saved_layout(target.path) == "ddp/single":
-        from safetensors.torch import load_model
-        try:  # the full model, unwrapped, as save_state wrote it
-            load_model(model, target.path / "model.safetensors")
-        except RuntimeError as e:
-            raise UserError(f"checkpoint {target.path} does not match the model its config.yaml describes "
-                            f"({str(e).splitlines()[-1].strip()[:200]}): was it written by another toolkit version?") from None
-    return model
+        return build_model(ModelConfig(name_or_path=str(target.path)), tokenizer), tokenizer, False
+    return adapter_model(target, tokenizer, base), tokenizer, False
 
 
-def saved_layout(path: Path) -> str:
-    """Which strategy wrote a resumable checkpoint, from the files accelerate's save_state leaves."""
-    if (path / "pytorch_model").is_dir() or any(path.glob("global_step*")):
-        return "deepspeed"
-    if any(path.glob("pytorch_model_fsdp*")):
-        return "fsdp"
-    if (path / "model.safetensors").is_file():
-        return "ddp/single"
-    raise UserError(f"checkpoint {path} holds no model weights (no model.safetensors, pytorch_model/ or "
-                    "pytorch_model_fsdp_0/): it is incomplete; pick another checkpoint")
+def adapter_model(target: Target, tokenizer, base: str | None):
+    from accelerate.utils import set_seed
+    from peft import PeftModel
 
-
-def check_layout(path: Path) -> None:
-    """accelerate restores DeepSpeed and FSDP shards only under the strategy that wrote them."""
-    saved = saved_layout(path)
-    kind = strategy.Requested.from_env().kind
-    running = "ddp/single" if kind in ("ddp", "single") else kind
-    if saved != running:
-        hint = {"deepspeed": "a DeepSpeed config (the one it was trained with, e.g. accelerate_configs/zero3.yaml)",
-                "fsdp": "an FSDP config (e.g. accelerate_configs/fsdp.yaml)",
-                "ddp/single": "plain python -m toolkit.evaluate or a DDP config"}[saved]
-        raise UserError(f"checkpoint {path} was saved under {saved} but this launch runs {running}: evaluate it "
-                        f"under {hint}, or evaluate the run's exported final/ under any launch")
-
-
-def load_sharded_state(accelerator, model, target: Target) -> None:
-    """After `prepare`, all ranks: each rank reads its part of a DeepSpeed or FSDP checkpoint."""
-    layout = saved_layout(target.path)
-    if layout == "deepspeed":
-        # Weights only: DeepSpeed then rebuilds the fp32 weights from all ZeRO shards, so any
-        # number of processes can read them (optimizer states would need the saving world size).
-        accelerator.load_state(str(target.path), load_optimizer_states=False, load_lr_scheduler_states=False)
-    elif layout == "fsdp":
-        from accelerate.utils import load_fsdp_model
-
-        # The model part of load_state: its optimizer part would pour the run's AdamW state into our SGD.
-        load_fsdp_model(accelerator.state.fsdp_plugin, accelerator, model, str(target.path))
+    adapter = json.loads((target.path / "adapter_config.json").read_text())
+    base = base or adapter.get("base_model_name_or_path") or (target.run and target.run.model.name_or_path)
+    if not base:
+        raise UserError(f"adapter {target.path} does not name its base model: pass --base MODEL")
+    if is_preset(base):
+        # A preset base is random-init and not saved with the adapter: training built it right
+        # after set_seed(train.seed), so the same seed rebuilds the very same weights.
+        set_seed(target.run.train.seed if target.run else RunConfig().train.seed)
+    model = build_model(ModelConfig(name_or_path=base), tokenizer)
+    try:
+        return PeftModel.from_pretrained(model, target.path)
+    except RuntimeError as e:  # size mismatch: not the base it was trained on
+        raise UserError(f"adapter {target.path} does not fit base model {base} ({str(e).splitlines()[-1].strip()}): "
+                        "pass --base with the model it was trained on") from None
 
 
 def held_out(args, target: Target, tokenizer, max_positions: int):
@@ -310,22 +225,19 @@ def generate(accelerator, model, tokenizer, prompts: list[str], max_new_tokens: 
 
 def score(accelerator, target: Target, args) -> dict:
     """All ranks: one checkpoint's row of metrics."""
-    if target.kind == "state":
-        check_layout(target.path)
-    tokenizer = target_tokenizer(target)
     # Outside main_process_first: under ZeRO-3, from_pretrained partitions the weights with
     # collectives that every rank must join (rank 0 alone would wait forever).
-    model = build_target_model(target, tokenizer, args.base)
-    with accelerator.main_process_first():  # rank 0 fills the datasets cache, the others reuse it
+    model, tokenizer, loads_after_prepare = load_target(accelerator, target, args.base)
+    with job.main_process_first(accelerator):  # rank 0 fills the datasets cache, the others reuse it
         eval_set = held_out(args, target, tokenizer, model.config.max_position_embeddings)
     loader = data.eval_dataloader(eval_set, args.batch_size, tokenizer.pad_token_id)
     # accelerate's FSDP2 path refuses a model without its optimizer, and a DeepSpeed engine without
     # one cannot load a checkpoint (ZeRO-3 weights are restored through the optimizer's partitions):
     # an SGD that is never stepped satisfies both.
     model, _, loader = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=0.0), loader)
-    if target.kind == "state":
-        load_sharded_state(accelerator, model, target)
-    row = {"checkpoint": str(target.path), "step": target.step,
+    if loads_after_prepare:
+        checkpoint_lib.load_sharded_weights(accelerator, model, target.path)
+    row = {"checkpoint": str(target.path), "step": target.step, "precision": args.precision,
            **evaluate_model(model, loader, accelerator, max_batches=args.max_batches)}
     if args.generate:
         row["generations"] = dict(zip(args.generate, generate(accelerator, model, tokenizer, args.generate,
@@ -335,6 +247,7 @@ def score(accelerator, target: Target, args) -> dict:
 
 
 def main(argv=None) -> None:
+    job.follow_launcher()  # a worker whose launcher is killed stops too (evaluation saves nothing)
     args = parse_args(argv)
     targets = find_targets(args.checkpoint)
     accelerator = eval_accelerator(targets, args)
@@ -350,8 +263,8 @@ def main(argv=None) -> None:
         accelerator.print(f"best: {best['checkpoint']} (perplexity {best['perplexity']:.4f})")
     if args.report and accelerator.is_main_process:
         report = {"data": args.data or "held-out split of the run", "packed": args.packed,
-                  "num_processes": accelerator.num_processes, "best": best["checkpoint"], "results": rows}
-        write_atomically(Path(args.report), json.dumps(report, indent=2) + "\n")
+                  "precision": args.precision, "num_processes": accelerator.num_processes, "best": best["checkpoint"], "results": rows}
+        write_text(Path(args.report), json.dumps(report, indent=2) + "\n")
         if len(rows) > 1:
             plot(rows, best, Path(args.report).with_suffix(".png"))
     accelerator.wait_for_everyone()
@@ -365,12 +278,6 @@ def format_row(row: dict, header: bool) -> str:
     if not header:
         return line
     return f"{'checkpoint':<40} {'step':>6} " + " ".join(f"{c:>13}" for c in COLUMNS) + "\n" + line
-
-
-def write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def plot(rows: list[dict], best: dict, path: Path) -> None:
@@ -396,10 +303,9 @@ def plot(rows: list[dict], best: dict, path: Path) -> None:
     ax.legend(loc="upper right")
     ax.set_title("held-out perplexity by checkpoint")
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
+    with replaced_file(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
-    tmp.replace(path)
 
 
 if __name__ == "__main__":

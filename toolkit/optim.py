@@ -13,6 +13,16 @@ from transformers import get_scheduler
 
 from .config import OptimConfig, UserError
 
+EIGHT_BIT = ("adamw_8bit", "paged_adamw_8bit")
+
+
+def import_bitsandbytes(name: str):
+    try:
+        import bitsandbytes
+    except ImportError:
+        raise UserError(f"optim.name={name} needs bitsandbytes: pip install bitsandbytes") from None
+    return bitsandbytes
+
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     decay, no_decay = [], []
@@ -36,10 +46,7 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig):
         return DummyOptim(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.name == "adamw":
         return torch.optim.AdamW(groups, **kwargs)
-    try:
-        import bitsandbytes as bnb
-    except ImportError:
-        raise UserError(f"optim.name={cfg.name} needs bitsandbytes: pip install bitsandbytes") from None
+    bnb = import_bitsandbytes(cfg.name)
     if cfg.name == "adamw_8bit":
         return bnb.optim.AdamW8bit(groups, **kwargs)
     if cfg.name == "paged_adamw_8bit":

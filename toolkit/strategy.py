@@ -2,7 +2,7 @@
 
 `accelerate launch --config_file X.yaml` tells each process, through environment variables, which
 strategy was asked for. `make_accelerator` builds an Accelerator that really runs it, also on a
-machine without a GPU, where accelerate alone silently falls back (DESIGN section 3);
+machine without a GPU, where accelerate alone silently falls back (docs/strategies.md);
 `verify` checks after `prepare` that what runs is what was asked, and records it.
 """
 
@@ -12,6 +12,7 @@ import importlib.metadata
 import json
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -19,9 +20,10 @@ from accelerate import Accelerator, DataLoaderConfiguration, PartialState
 from accelerate.utils import DistributedType, GradientAccumulationPlugin, InitProcessGroupKwargs
 
 from .config import RunConfig, UserError
+from .optim import EIGHT_BIT, import_bitsandbytes
 
-# Keys of a DeepSpeed JSON that the run config owns; "auto" (or absent) in the JSON takes the run's value.
 MIN_AIO_BYTES = 2**20  # deepspeed.runtime.swap_tensor.utils.MIN_AIO_BYTES
+# Keys of a DeepSpeed JSON that the run config owns; "auto" (or absent) in the JSON takes the run's value.
 DEEPSPEED_RUN_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size",
                       "gradient_clipping")
 
@@ -49,6 +51,8 @@ def _env_flag(name: str) -> bool:
 def make_accelerator(cfg: RunConfig) -> Accelerator:
     requested = Requested.from_env()
     on_cpu = not torch.cuda.is_available()
+    # A dead or stalled rank ends every collective after this long, instead of torch's 30 minutes.
+    timeout = timedelta(seconds=cfg.train.collective_timeout)
     common = dict(
         gradient_accumulation_plugin=GradientAccumulationPlugin(
             num_steps=cfg.train.grad_accum_steps, sync_with_dataloader=False),  # the loop owns step windows
@@ -60,7 +64,7 @@ def make_accelerator(cfg: RunConfig) -> Accelerator:
     )
     if requested.kind == "deepspeed":
         # DeepSpeed picks its CPU accelerator by itself; it only needs a backend that exists here.
-        handlers = [InitProcessGroupKwargs(backend="gloo")] if on_cpu else []
+        handlers = [InitProcessGroupKwargs(backend="gloo" if on_cpu else None, timeout=timeout)]
         accelerator = Accelerator(kwargs_handlers=handlers, **common)
         fill_deepspeed_config(accelerator.state.deepspeed_plugin, cfg, accelerator.num_processes)
         from deepspeed.accelerator import get_accelerator
@@ -71,14 +75,14 @@ def make_accelerator(cfg: RunConfig) -> Accelerator:
     elif on_cpu and requested.world_size > 1:
         # Without CUDA, a MULTI_GPU/FSDP config makes each process believe it is alone. Start the
         # gloo process group as MULTI_CPU first...
-        PartialState(cpu=True)
+        PartialState(cpu=True, timeout=timeout)
         if requested.kind == "fsdp":
             # ...and, for FSDP, let AcceleratorState see a multi-device type: it only turns on FSDP
             # for those, and replaces this value with DistributedType.FSDP as it does.
             PartialState._shared_state["distributed_type"] = DistributedType.MULTI_GPU
         accelerator = Accelerator(cpu=True, **common)
     else:
-        accelerator = Accelerator(**common)
+        accelerator = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(timeout=timeout)], **common)
 
     if accelerator.distributed_type == DistributedType.FSDP and on_cpu:
         from torch.distributed.fsdp import CPUOffloadPolicy
@@ -109,7 +113,7 @@ def fill_deepspeed_config(plugin, cfg: RunConfig, num_processes: int) -> None:
     run = {
         "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
         "gradient_accumulation_steps": cfg.train.grad_accum_steps,
-        "train_batch_size": cfg.train.micro_batch_size * cfg.train.grad_accum_steps * num_processes,
+        "train_batch_size": cfg.train.global_batch_size(num_processes),
         "gradient_clipping": cfg.optim.max_grad_norm,
     }
     path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
@@ -131,7 +135,6 @@ def fill_deepspeed_config(plugin, cfg: RunConfig, num_processes: int) -> None:
             Path(section["nvme_path"]).mkdir(parents=True, exist_ok=True)
 
 
-EIGHT_BIT = ("adamw_8bit", "paged_adamw_8bit")
 # optim.* keys a DeepSpeed "optimizer" section may leave "auto" (accelerate fills only lr and weight_decay).
 DEEPSPEED_OPTIM_KEYS = {"lr": "lr", "weight_decay": "weight_decay", "betas": ("beta1", "beta2"), "eps": "eps"}
 
@@ -142,10 +145,7 @@ def check_optimizer(accelerator: Accelerator, cfg: RunConfig) -> None:
     "auto" optimizer parameters take the run config's values, as its batch keys do."""
     name = cfg.optim.name
     if name in EIGHT_BIT:
-        try:
-            import bitsandbytes  # noqa: F401
-        except ImportError:
-            raise UserError(f"optim.name={name} needs bitsandbytes: pip install bitsandbytes") from None
+        import_bitsandbytes(name)
     running = accelerator.distributed_type
     if running != DistributedType.DEEPSPEED:
         if name == "deepspeed":
@@ -187,6 +187,12 @@ def check_optimizer(accelerator: Accelerator, cfg: RunConfig) -> None:
             keys = "/".join(f"optim.{k}" for k in ours) if isinstance(ours, tuple) else f"optim.{ours}"
             raise UserError(f'{source} sets optimizer.params.{key}={value} but the run config has {keys}={run}: '
                             f'set "{key}": "auto" there so the run config decides')
+
+
+def checkpoint_layout(accelerator: Accelerator) -> str:
+    """The layout `save_state` writes under this strategy (see checkpoint.layout)."""
+    return {DistributedType.DEEPSPEED: "deepspeed", DistributedType.FSDP: "fsdp"}.get(accelerator.distributed_type,
+                                                                                      "full")
 
 
 def json_scheduler(accelerator: Accelerator) -> bool:
@@ -258,7 +264,7 @@ def verify(accelerator: Accelerator, model, optimizer, cfg: RunConfig) -> dict:
         if accelerator.mixed_precision != "no" and not accelerator.native_amp:
             fail(f"{accelerator.mixed_precision} autocast is off")
     info.update(micro_batch_size=cfg.train.micro_batch_size, grad_accum_steps=cfg.train.grad_accum_steps,
-                global_batch_size=cfg.train.micro_batch_size * cfg.train.grad_accum_steps * accelerator.num_processes,
+                global_batch_size=cfg.train.global_batch_size(accelerator.num_processes),
                 optimizer=type(innermost(optimizer)).__name__, versions=versions())
     return info
 
@@ -316,6 +322,20 @@ def step_stats(accelerator: Accelerator, optimizer) -> dict:
         scaled = optimizer.optimizer  # DeepSpeed's ZeRO optimizer owns the dynamic loss scale
         stats.update(loss_scale=float(scaled.cur_scale), skipped=bool(scaled.overflow))
     return stats
+
+
+def compute_dtype_probe(model) -> dict:
+    """{"compute_dtype": ...}, filled by the next forward pass with the dtype the first linear layer
+    really computes in (autocast, DeepSpeed or FSDP mixed precision decide it, not the weights)."""
+    seen: dict = {}
+    layer = next(m for m in model.modules() if isinstance(m, torch.nn.Linear))
+
+    def record(module, inputs, output):
+        seen["compute_dtype"] = str(output.dtype).removeprefix("torch.")
+        handle.remove()
+
+    handle = layer.register_forward_hook(record)
+    return seen
 
 
 def versions() -> dict:

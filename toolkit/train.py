@@ -9,18 +9,18 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import time
 from pathlib import Path
 
 import torch
 from accelerate.utils import set_seed
 
-from . import checkpoint, config as config_lib, data, strategy
+from . import checkpoint, config as config_lib, data, job, strategy
 from .config import RunConfig, UserError, run_cli
-from .evaluate import evaluate_model
 from .model import apply_lora, build_model, build_tokenizer, model_config
 from .optim import build_optimizer, build_scheduler
+from .files import write_text
 from .telemetry import Telemetry
+from .validation import evaluate_model
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -31,15 +31,30 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> None:
+    job.follow_launcher()  # before anything slow: a launcher killed meanwhile must not leave us orphaned
+    stop = job.StopSignal()
     args = parse_args(argv)
     cfg = config_lib.load(args.config, args.overrides)
-    check_output_dir(cfg)
-    accelerator = strategy.make_accelerator(cfg)
-    strategy.check_optimizer(accelerator, cfg)  # an optimizer this strategy can't run stops here, before any work
-    set_seed(cfg.train.seed)  # the same initial weights on every rank
     out = Path(cfg.output_dir)
+    accelerator = strategy.make_accelerator(cfg)
+    lock = None
+    with job.stop_together(accelerator):  # the main process's verdicts reach every rank
+        if accelerator.is_main_process:
+            lock = claim_output_dir(cfg)
+        strategy.check_optimizer(accelerator, cfg)  # an optimizer this strategy can't run stops here, before any work
+    with job.stop_together(accelerator):
+        job.check_shared(accelerator, lock, out)  # every machine must see the same output_dir
+    try:
+        run(cfg, accelerator, stop)
+    finally:
+        if lock is not None:
+            lock.release()
 
-    with accelerator.main_process_first():  # rank 0 builds tokenizer and data caches, the others reuse them
+
+def run(cfg: RunConfig, accelerator, stop: job.StopSignal) -> None:
+    out = Path(cfg.output_dir)
+    set_seed(cfg.train.seed)  # the same initial weights on every rank
+    with job.main_process_first(accelerator):  # rank 0 builds tokenizer and data caches, the others reuse them
         raw_train, raw_eval = data.load_raw(cfg.data, cfg.train.seed)
         fmt = data.detect_format(raw_train, cfg.data)
         texts = raw_train[cfg.data.text_field] if fmt == "text" else (
@@ -50,9 +65,10 @@ def main(argv=None) -> None:
         train_set = data.tokenize_for_training(raw_train, tokenizer, cfg.data, fmt)
         eval_set = data.tokenize_for_eval(raw_eval, tokenizer, cfg.data, fmt, max_length=max_positions)
 
-    model = build_model(cfg.model, tokenizer)  # all ranks at once: under ZeRO-3 building is collective
-    if cfg.lora.enabled:
-        model = apply_lora(model, cfg.lora)
+    with job.stop_together(accelerator):
+        model = build_model(cfg.model, tokenizer)  # all ranks at once: under ZeRO-3 building is collective
+        if cfg.lora.enabled:
+            model = apply_lora(model, cfg.lora)
     checkpointing = None
     if cfg.model.gradient_checkpointing:
         checkpointing = strategy.enable_activation_checkpointing(accelerator, model)
@@ -71,24 +87,36 @@ def main(argv=None) -> None:
     state = {"step": 0, "epoch": 0, "batch": 0, "tokens": 0}
     resume_from = checkpoint.find_resume(cfg.resume, out)
     if resume_from is not None:
-        state = checkpoint.load(accelerator, resume_from)
+        state = checkpoint.check_resume(resume_from, cfg, accelerator.num_processes,
+                                        strategy.checkpoint_layout(accelerator))
+        checkpoint.resume(accelerator, resume_from)  # all ranks
         accelerator.print(f"resumed from {resume_from} at step {state['step']}")
-    if accelerator.is_main_process:
-        config_lib.save(cfg, out / "config.yaml")
-        trim_metrics(out / "metrics.jsonl", state["step"])  # steps after the checkpoint are redone
+    with job.stop_together(accelerator):
+        if accelerator.is_main_process:
+            if resume_from is not None:
+                for moved in checkpoint.set_aside_newer(resume_from, out):
+                    print(f"moved {moved.name}, newer than the resumed checkpoint, to {moved.parent}")
+            config_lib.save(cfg, out / "config.yaml")
+            trim_metrics(out / "metrics.jsonl", state["step"])  # steps after the checkpoint are redone
 
-    train(cfg, accelerator, model, optimizer, scheduler, train_loader, eval_loader, state, max_steps)
-
-    checkpoint.export(accelerator, model, tokenizer, out / "final", merge_lora=cfg.lora.merge)  # all ranks
-    accelerator.print(f"saved {out / 'final'}")
+    finished = train(cfg, accelerator, model, optimizer, scheduler, train_loader, eval_loader, state, max_steps,
+                     stop, resume_from)
+    if finished:
+        checkpoint.export(accelerator, model, tokenizer, out / "final", merge_lora=cfg.lora.merge)  # all ranks
+        accelerator.print(f"saved {out / 'final'}")
+    accelerator.wait_for_everyone()
     accelerator.end_training()
 
 
 def train(cfg: RunConfig, accelerator, model, optimizer, scheduler, train_loader, eval_loader,
-          state: dict, max_steps: int) -> None:
-    """THE loop. One optimizer step = `grad_accum_steps` micro-batches on every rank."""
+          state: dict, max_steps: int, stop: job.StopSignal, resumed_from: Path | None = None) -> bool:
+    """THE loop. One optimizer step = `grad_accum_steps` micro-batches on every rank. Returns
+    False when a signal stopped it early (after saving a checkpoint to resume from)."""
     telemetry = Telemetry(accelerator, cfg.output_dir, max_steps, start_step=state["step"])
     batches = micro_batches(accelerator, train_loader, state)
+    last_saved = resumed_from
+    bad_steps = 0
+    compute_dtype = strategy.compute_dtype_probe(model)
     if cfg.eval.every and state["step"] == 0:  # the baseline that fine-tuning is measured against
         run_evaluation(cfg, accelerator, model, eval_loader, telemetry, step=0)
     model.train()
@@ -97,7 +125,7 @@ def train(cfg: RunConfig, accelerator, model, optimizer, scheduler, train_loader
         # Read before backward: a DeepSpeed-owned schedule advances inside the last backward.
         lr = scheduler.get_last_lr()[0]
         # The step's loss is (sum of token losses over all micro-batches on all ranks) / (their
-        # number of target tokens), so count the window's targets first (DESIGN section 4).
+        # number of target tokens), so count the window's targets first (docs/training-loop.md).
         window_targets = accelerator.reduce(
             torch.tensor(sum(count_targets(b) for b in window), device=accelerator.device), "sum")
         step_loss = torch.zeros((), device=accelerator.device)
@@ -111,25 +139,44 @@ def train(cfg: RunConfig, accelerator, model, optimizer, scheduler, train_loader
             telemetry.count_tokens(batch["input_ids"].numel() * accelerator.num_processes)
 
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm or math.inf)
-        optimizer.step()  # under DeepSpeed, accelerator.backward already stepped the engine
-        if not accelerator.optimizer_step_was_skipped:
-            scheduler.step()
+        # The norm is global (the same on every rank), so every rank skips a non-finite step alike.
+        # (DeepSpeed has already stepped inside backward; its ZeRO-1/2 optimizers skip such steps.)
+        finite = grad_norm is None or math.isfinite(float(grad_norm))
+        if finite:
+            optimizer.step()  # under DeepSpeed, accelerator.backward already stepped the engine
+            if not accelerator.optimizer_step_was_skipped:
+                scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        bad_steps = 0 if finite else bad_steps + 1
         state["step"] += 1
         state["tokens"] += int(window_targets)
         telemetry.advance()
 
         step = state["step"]
-        if step % cfg.train.log_every == 0 or step == max_steps:
+        if step % cfg.train.log_every == 0 or step == max_steps or not finite:
             telemetry.log({"step": step, "loss": accelerator.reduce(step_loss, "sum").item(), "lr": lr,
                            "grad_norm": _item(grad_norm), "tokens": state["tokens"], "epoch": state["epoch"],
-                           **strategy.step_stats(accelerator, optimizer), **telemetry.throughput()})
+                           **compute_dtype, **strategy.step_stats(accelerator, optimizer), **telemetry.throughput(),
+                           **({} if finite else {"skipped": True})})
+        if bad_steps >= cfg.train.max_bad_steps:
+            telemetry.close()
+            kept = f"the last good checkpoint is {last_saved}" if last_saved else "no checkpoint was saved"
+            raise UserError(f"step {step}: loss or gradient not finite for {bad_steps} steps in a row (each "
+                            f"skipped); {kept}: lower optim.lr or raise optim.warmup_steps, then resume from it")
         if (cfg.eval.every and step % cfg.eval.every == 0) or step == max_steps:
             run_evaluation(cfg, accelerator, model, eval_loader, telemetry, step)
             model.train()
-        if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
-            checkpoint.save(accelerator, cfg.output_dir, cfg, dict(state), cfg.checkpoint.keep_last)  # all ranks
+        preempted = stop.requested(accelerator)  # all ranks, every step: they must agree on where to stop
+        # Never checkpoint right after a skipped step: the last checkpoint must stay a good one.
+        if finite and ((cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or (preempted and step < max_steps)):
+            last_saved = checkpoint.save(accelerator, cfg, dict(state), keep=resumed_from)  # all ranks
+            telemetry.log({"step": step, "checkpoint": str(last_saved)})
+        if preempted and step < max_steps:
+            accelerator.print(f"stopped by signal after step {step}; resume=auto continues from {last_saved}")
+            telemetry.close()
+            return False
     telemetry.close()
+    return True
 
 
 def run_evaluation(cfg: RunConfig, accelerator, model, eval_loader, telemetry: Telemetry, step: int) -> None:
@@ -158,7 +205,7 @@ def count_targets(batch: dict) -> int:
 def count_steps(cfg: RunConfig, num_sequences: int, num_processes: int) -> int:
     if cfg.train.max_steps:
         return cfg.train.max_steps
-    global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * num_processes
+    global_batch = cfg.train.global_batch_size(num_processes)
     steps = int(cfg.train.epochs * (num_sequences // (cfg.train.micro_batch_size * num_processes))
                 // cfg.train.grad_accum_steps)
     if steps == 0:
@@ -167,26 +214,35 @@ def count_steps(cfg: RunConfig, num_sequences: int, num_processes: int) -> int:
     return steps
 
 
-def check_output_dir(cfg: RunConfig) -> None:
-    """Fail before any work if output_dir can't be written or holds a run we were not told to resume."""
+def claim_output_dir(cfg: RunConfig) -> job.OutputLock:
+    """Main process, before any work: lock output_dir for this run, or fail if it can't be written,
+    another run holds it, or it holds a run we were not told to resume."""
     out = Path(cfg.output_dir)
-    if cfg.resume == "none" and any((out / name).exists() for name in ("metrics.jsonl", "checkpoints", "final")):
-        raise UserError(f"output_dir {out} already holds a run: continue it with resume=auto, "
-                        "or choose a new output_dir")
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{time.time_ns()}"
-        probe.touch()
-        probe.unlink()
+        lock = job.OutputLock(out)
     except OSError as e:
         raise UserError(f"output_dir {out} is not writable ({e.strerror}): choose another output_dir") from None
+    if cfg.resume == "none" and any((out / name).exists() for name in ("metrics.jsonl", "checkpoints", "final")):
+        lock.release()
+        raise UserError(f"output_dir {out} already holds a run: continue it with resume=auto, "
+                        "or choose a new output_dir")
+    return lock
 
 
 def trim_metrics(path: Path, last_step: int) -> None:
     if not path.exists():
         return
-    records = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= last_step]
-    path.write_text("".join(line + "\n" for line in records))
+    records = [line for line in path.read_text().splitlines() if _step_of(line) <= last_step]
+    write_text(path, "".join(line + "\n" for line in records))
+
+
+def _step_of(line: str) -> float:
+    """A record's step; a line cut short by a kill mid-write counts as after every step (dropped)."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf
 
 
 def _item(value) -> float | None:
