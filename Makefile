@@ -4,18 +4,23 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 ACCELERATE := $(VENV)/bin/accelerate
-# The CPU wheel of torch on machines without a GPU (an unpinned `torch` pulls a multi-GB CUDA
-# build). Override for a GPU machine, e.g. `make setup TORCH_SPEC='torch'`.
+# torch is installed first, when the venv has none. PyPI's Linux wheel of torch is the CUDA build
+# (several GB); on a machine without an NVIDIA driver we also offer PyTorch's CPU wheel index,
+# whose `2.13.0+cpu` pip then prefers (about 200 MB). Where that index can't be reached, pip
+# warns and takes PyPI's wheel. Override either: `make setup TORCH_SPEC=torch TORCH_INDEX=`.
 TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?= $(if $(shell command -v nvidia-smi),,https://download.pytorch.org/whl/cpu)
 DEMO_DIR ?= runs/demo
+DEMO_ARGS ?=
 
-.PHONY: setup demo test
+.PHONY: setup demo test test-fast
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q --timeout 20 --retries 3 "$(TORCH_SPEC)" \
+		$(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
 	# NVMe offload (zero3_nvme) needs DeepSpeed's async_io op, which builds against libaio.
 	dpkg -s libaio-dev >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
 		apt-get install -y -qq libaio-dev >/dev/null; } || echo "note: libaio-dev missing: NVMe offload unavailable"
@@ -25,8 +30,12 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 demo: setup
 	rm -rf $(DEMO_DIR)
 	$(ACCELERATE) launch --config_file accelerate_configs/ddp.yaml --mixed_precision no -m toolkit.train \
-		--config examples/demo.yaml output_dir=$(DEMO_DIR)
+		--config examples/demo.yaml output_dir=$(DEMO_DIR) $(DEMO_ARGS)
 	$(PY) -m toolkit.evaluate --checkpoint $(DEMO_DIR)/final --report $(DEMO_DIR)/eval_final.json
 
 test: setup
 	$(PY) -m pytest -q tests
+
+# The fast tier: one process only (no 2-process launches), a few minutes.
+test-fast: setup
+	$(PY) -m pytest -q tests -m "not distributed"

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -48,21 +52,44 @@ def tiny_run(data: Path, output_dir: Path, **overrides) -> list[str]:
     return [f"{k}={v}" for k, v in base.items()]
 
 
+_distributed_test = False
+
+
+def pytest_runtest_setup(item):
+    """Remember whether the test about to run (and the fixtures it sets up) may start 2 processes."""
+    global _distributed_test
+    _distributed_test = item.get_closest_marker("distributed") is not None
+
+
+def command(module: str, args: list[str], config: str | None = "single", extra: list[str] = ()) -> list[str]:
+    """`accelerate launch --config_file accelerate_configs/<config>.yaml -m <module> args` (config
+    may also be a path without .yaml), or plain `python -m` when config is None."""
+    if config is None:
+        return [sys.executable, "-m", module, *args]
+    path = Path(config).with_suffix(".yaml") if "/" in config else ACCELERATE_CONFIGS / f"{config}.yaml"
+    if not _distributed_test and (yaml_processes(path) > 1 or "--num_processes" in extra):
+        raise AssertionError(f"{path.name} starts several processes: mark the test @pytest.mark.distributed")
+    # a free port per launch: the default 29500 may still be held by the previous run's store
+    port = [] if "--machine_rank" in extra else ["--main_process_port", str(free_port())]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(path), *port, *extra,
+            "-m", module, *args]
+
+
+def yaml_processes(path: Path) -> int:
+    import yaml
+
+    return int(yaml.safe_load(path.read_text()).get("num_processes", 1))
+
+
+def environment(**extra) -> dict:
+    return {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", **extra}
+
+
 def launch(module: str, args: list[str], config: str | None = "single", extra: list[str] = (),
            check: bool = True, timeout: int = 900) -> subprocess.CompletedProcess:
-    """`accelerate launch --config_file accelerate_configs/<config>.yaml -m <module> args` (config
-    may also be a path without .yaml)
-    (or plain `python -m` when config is None); output is kept for the failure message."""
-    if config is None:
-        cmd = [sys.executable, "-m", module, *args]
-    else:
-        path = Path(config).with_suffix(".yaml") if "/" in config else ACCELERATE_CONFIGS / f"{config}.yaml"
-        # a free port per launch: the default 29500 may still be held by the previous run's store
-        port = [] if "--machine_rank" in extra else ["--main_process_port", str(free_port())]
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(path), *port, *extra,
-               "-m", module, *args]
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    """Run a command to the end; output is kept for the failure message."""
+    cmd = command(module, args, config, extra)
+    proc = subprocess.run(cmd, cwd=ROOT, env=environment(), capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc
@@ -84,3 +111,85 @@ def runtime(output_dir: Path) -> dict:
     import yaml
 
     return yaml.safe_load((Path(output_dir) / "config.yaml").read_text())["runtime"]
+
+
+class Job:
+    """A command running in the background, in a session of its own. Every process it starts
+    carries a tag in its environment, so the test can find (and finally kill) all of them: torch's
+    launcher puts its workers in sessions of their own, out of reach of a process-group kill."""
+
+    def __init__(self, module: str, args: list[str], config: str | None = "single", extra: list[str] = ()):
+        self.tag = uuid.uuid4().hex
+        # Output to files, not pipes: nobody reads a pipe while the job runs, and a full one blocks it.
+        self.stdout, self.stderr = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+        self.proc = subprocess.Popen(command(module, args, config, extra), cwd=ROOT, text=True,
+                                     env=environment(TOOLKIT_TEST_JOB=self.tag), start_new_session=True,
+                                     stdout=self.stdout, stderr=self.stderr)
+
+    def pids(self) -> list[int]:
+        found = []
+        for entry in Path("/proc").iterdir():
+            try:
+                if entry.name.isdigit() and f"TOOLKIT_TEST_JOB={self.tag}".encode() in (entry / "environ").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:  # gone meanwhile, or not ours to read
+                pass
+        return found
+
+    def workers(self) -> list[int]:
+        """The training processes (those with a RANK), by rank."""
+        ranks = {}
+        for pid in self.pids():
+            try:
+                env = dict(item.split("=", 1) for item in
+                           Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in item)
+            except OSError:
+                continue
+            if "RANK" in env and pid != self.proc.pid:
+                ranks[int(env["RANK"])] = pid
+        return [ranks[r] for r in sorted(ranks)]
+
+    def wait_for(self, condition, timeout: float = 300, what: str = "condition") -> None:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if self.proc.poll() is not None:
+                _, out, err = self.finish()
+                raise AssertionError(f"job ended ({self.proc.returncode}) before {what}:\n{out[-2000:]}\n{err[-4000:]}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no {what} within {timeout} s")
+            time.sleep(0.05)
+
+    def finish(self, timeout: float = 300) -> tuple[int, str, str]:
+        """(exit status, stdout, stderr) once the launcher has exited."""
+        self.proc.wait(timeout=timeout)
+        return self.proc.returncode, *(self._read(f) for f in (self.stdout, self.stderr))
+
+    @staticmethod
+    def _read(f) -> str:
+        f.seek(0)
+        return f.read()
+
+    def kill_all(self) -> None:
+        for pid in self.pids():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+
+def logged_steps(output_dir: Path) -> list[int]:
+    path = Path(output_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    steps = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if "loss" in record:
+            steps.append(record["step"])
+    return steps

@@ -1,12 +1,21 @@
-"""End to end: 2-process DDP equals 1 process at the same global batch, resume, export."""
+"""End to end: 2-process DDP equals 1 process at the same global batch; resume after a real
+crash, with another process count, from a path, across an epoch boundary; checkpoint keeping;
+export; bad input; the README's demo."""
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from conftest import launch, metrics, runtime, tiny_run
+from conftest import ROOT, Job, launch, logged_steps, metrics, runtime, tiny_run
+from toolkit import checkpoint, config as config_lib
+from toolkit.config import UserError
+from toolkit.train import trim_metrics
 
 # fp32 on CPU: the two runs differ only in summation order (two half-batch gradients averaged by
 # all-reduce vs one full batch), a few ulps per step that Adam carries forward; 1e-4 relative
@@ -25,7 +34,7 @@ def single_run(text_data, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ddp_resumed_run(text_data, tmp_path_factory):
-    """8 steps with checkpoints every 4, then resume=auto to 12: the issue's acceptance run."""
+    """8 steps with checkpoints every 4, then resume=auto to 12."""
     out = tmp_path_factory.mktemp("ddp")
     args = {"train.micro_batch_size": 2, "train.grad_accum_steps": 2, "checkpoint.every": 4, "eval.every": 4,
             "checkpoint.keep_last": 0}
@@ -36,12 +45,14 @@ def ddp_resumed_run(text_data, tmp_path_factory):
     return out
 
 
+@pytest.mark.distributed
 def test_ddp_runs_two_synchronised_processes(ddp_resumed_run):
     info = runtime(ddp_resumed_run)
     assert info["num_processes"] == 2 and info["distributed_type"] == "MULTI_CPU"
     assert info["global_batch_size"] == 8 and info["mixed_precision"] == "no"
 
 
+@pytest.mark.distributed
 def test_resumed_ddp_run_logs_every_step_once_with_evaluations(ddp_resumed_run):
     train, evals = metrics(ddp_resumed_run)
     assert [r["step"] for r in train] == list(range(1, 13))
@@ -53,6 +64,7 @@ def test_resumed_ddp_run_logs_every_step_once_with_evaluations(ddp_resumed_run):
     assert state["step"] == 8 and state["batch"] == 16  # 8 steps x 2 micro-batches per rank
 
 
+@pytest.mark.distributed
 def test_two_processes_equal_one_at_the_same_global_batch(single_run, ddp_resumed_run):
     """Also proves resume: steps 9..12 of the DDP run come after a restart from step 8."""
     single, _ = metrics(single_run)
@@ -65,6 +77,7 @@ def test_two_processes_equal_one_at_the_same_global_batch(single_run, ddp_resume
     assert single[-1]["loss"] < single[0]["loss"] - 0.1  # it learns
 
 
+@pytest.mark.distributed
 def test_export_loads_with_plain_transformers_and_equals_the_single_run(single_run, ddp_resumed_run):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -78,18 +91,161 @@ def test_export_loads_with_plain_transformers_and_equals_the_single_run(single_r
     assert torch.isfinite(loss)
 
 
-def test_resume_continues_exactly_after_a_crash(single_run, text_data, tmp_path):
-    """Copy the single run's step-4 checkpoint as if it had crashed after it: steps 5..12 repeat exactly."""
-    crashed = tmp_path / "crashed"
-    shutil.copytree(single_run / "tokenizer", crashed / "tokenizer")
-    shutil.copytree(single_run / "checkpoints" / "step-000004", crashed / "checkpoints" / "step-000004")
-    launch("toolkit.train", tiny_run(text_data, crashed, **{"train.micro_batch_size": 4, "train.grad_accum_steps": 2,
-                                                            "train.max_steps": 12, "resume": "auto"}), config=None)
+def test_resume_continues_exactly_after_a_real_crash(single_run, text_data, tmp_path):
+    """SIGKILL a run mid-way (after its step-4 checkpoint, before the end): resume=auto redoes the
+    steps after the checkpoint and reproduces the uninterrupted run's losses."""
+    out = tmp_path / "crashed"
+    args = {"train.micro_batch_size": 4, "train.grad_accum_steps": 2, "checkpoint.every": 4}
+    # constant LR, so a longer planned run computes the same first steps; it is killed long before its end
+    running = Job("toolkit.train", tiny_run(text_data, out, **args, **{"train.max_steps": 100000}), config=None)
+    try:
+        running.wait_for(lambda: (out / "checkpoints" / "step-000004").is_dir() and len(logged_steps(out)) >= 6,
+                         what="step 6")
+        os.kill(running.proc.pid, signal.SIGKILL)
+        running.proc.wait()
+    finally:
+        running.kill_all()
+    assert not (out / "final").exists() and (out / ".lock").exists()  # a crash: nothing cleaned up
+    launch("toolkit.train", tiny_run(text_data, out, **args, **{"train.max_steps": 12, "resume": "auto"}),
+           config=None)
     reference, _ = metrics(single_run)
-    resumed, _ = metrics(crashed)
-    assert [r["step"] for r in resumed] == list(range(5, 13))
-    for a, b in zip(reference[4:], resumed):
-        assert b["loss"] == pytest.approx(a["loss"], rel=1e-6) and b["lr"] == a["lr"]
+    resumed, _ = metrics(out)
+    assert [r["step"] for r in resumed] == list(range(1, 13))  # the killed run's steps 5.. were redone
+    for a, b in zip(reference, resumed):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-6) and b["lr"] == a["lr"], a["step"]
+
+
+@pytest.mark.distributed
+def test_resume_on_another_process_count_with_the_same_global_batch_is_exact(single_run, ddp_resumed_run,
+                                                                             text_data, tmp_path):
+    """The DDP run's step-8 checkpoint (2 processes x micro 2 x accumulation 2) resumed by 1 process
+    x micro 4 x accumulation 2: the data position maps by samples seen, so steps 9..12 equal the
+    1-process run's."""
+    out = tmp_path / "run"
+    shutil.copytree(ddp_resumed_run / "tokenizer", out / "tokenizer")
+    args = {"train.micro_batch_size": 4, "train.grad_accum_steps": 2, "train.max_steps": 12,
+            "resume": str(ddp_resumed_run / "checkpoints" / "step-000008")}
+    launch("toolkit.train", tiny_run(text_data, out, **args), config=None)
+    reference = {r["step"]: r for r in metrics(single_run)[0]}
+    resumed = metrics(out)[0]
+    assert [r["step"] for r in resumed] == [9, 10, 11, 12]
+    for b in resumed:
+        assert b["loss"] == pytest.approx(reference[b["step"]]["loss"], rel=RTOL), b["step"]
+
+
+def test_a_resume_that_would_train_something_else_is_refused(single_run):
+    step_4 = single_run / "checkpoints" / "step-000004"
+    cfg = config_lib.load(step_4 / "config.yaml")
+    cfg.train.micro_batch_size = 8  # global batch 8 -> 16
+    with pytest.raises(UserError, match="global batch 8 -> 16"):
+        checkpoint.check_resume(step_4, cfg, num_processes=1, running_layout="full")
+    cfg = config_lib.load(step_4 / "config.yaml")
+    cfg.data.block_size = 32
+    with pytest.raises(UserError, match="data.block_size 64 -> 32"):
+        checkpoint.check_resume(step_4, cfg, num_processes=1, running_layout="full")
+    cfg = config_lib.load(step_4 / "config.yaml")
+    with pytest.raises(UserError, match="holds full state; launch with the accelerate config it was trained with"):
+        checkpoint.check_resume(step_4, cfg, num_processes=1, running_layout="deepspeed")
+    cfg.train.micro_batch_size, cfg.train.grad_accum_steps = 2, 4  # the same global batch: mapped by samples
+    assert checkpoint.check_resume(step_4, cfg, num_processes=1, running_layout="full")["batch"] == 16
+
+
+@pytest.fixture(scope="module")
+def epoch_runs(text_data, tmp_path_factory):
+    """Two epochs of a small data set, logged every 2 steps, checkpoints every 3; then a second
+    run resumed by path from the last checkpoint before the epoch boundary."""
+    root = tmp_path_factory.mktemp("epochs")
+    small = root / "small.jsonl"
+    small.write_text("".join(text_data.read_text().splitlines(keepends=True)[:40]))
+    args = {"train.max_steps": 0, "train.epochs": 2, "train.log_every": 2, "checkpoint.every": 3,
+            "checkpoint.keep_last": 0, "eval.every": 0}
+    launch("toolkit.train", tiny_run(small, root / "full", **args), config=None)
+    per_epoch = runtime(root / "full")["max_steps"] // 2
+    before_boundary = per_epoch - per_epoch % 3 if per_epoch % 3 else per_epoch - 3
+    resumed = root / "resumed"
+    shutil.copytree(root / "full" / "tokenizer", resumed / "tokenizer")
+    launch("toolkit.train", tiny_run(small, resumed, **args, **{
+        "resume": str(root / "full" / "checkpoints" / f"step-{before_boundary:06d}")}), config=None)
+    return root / "full", resumed, small
+
+
+def test_epochs_count_steps_and_log_every_n(epoch_runs):
+    full, _, small = epoch_runs
+    from toolkit import data
+    from toolkit.model import build_tokenizer
+
+    cfg = config_lib.load(full / "config.yaml")
+    blocks = data.tokenize_for_training(data.load_raw(cfg.data, cfg.train.seed)[0],
+                                        build_tokenizer(cfg.model, cache_dir=full / "tokenizer"), cfg.data, "text")
+    steps = 2 * (len(blocks) // 4)  # 2 epochs of full micro-batches of 4, no accumulation
+    assert runtime(full)["max_steps"] == steps and steps >= 8
+    logged = [r["step"] for r in metrics(full)[0]]
+    assert logged == sorted(set(range(2, steps + 1, 2)) | {steps})
+    assert {r["epoch"] for r in metrics(full)[0]} == {0, 1}
+    state = json.loads((full / "checkpoints" / f"step-{steps:06d}" / "trainer_state.json").read_text())
+    assert (state["epoch"], state["batch"]) == (1, len(blocks) // 4)  # the second epoch, all taken
+
+
+def test_resume_by_path_across_an_epoch_boundary_is_exact(epoch_runs):
+    full, resumed, _ = epoch_runs
+    reference = {r["step"]: r for r in metrics(full)[0]}
+    ours = metrics(resumed)[0]
+    assert ours and {r["epoch"] for r in ours} == {0, 1}  # it crossed the boundary
+    for r in ours:
+        assert r["loss"] == pytest.approx(reference[r["step"]]["loss"], rel=1e-6), r["step"]
+
+
+def fake_accelerator():
+    """Enough of an Accelerator for checkpoint.save on one process: save_state writes a weights file."""
+    return SimpleNamespace(is_main_process=True, num_processes=1, device=torch.device("cpu"),
+                           save_state=lambda d: (checkpoint.Path(d) / "model.safetensors").write_text("w"))
+
+
+def test_keep_last_deletes_old_checkpoints_but_never_the_resumed_one(tmp_path):
+    cfg = config_lib.RunConfig(output_dir=str(tmp_path))
+    cfg.checkpoint.keep_last = 2
+    accelerator = fake_accelerator()
+    resumed = checkpoint.save(accelerator, cfg, {"step": 1})
+    for step in (2, 3, 4):
+        checkpoint.save(accelerator, cfg, {"step": step}, keep=resumed)
+    names = [p.name for p in checkpoint.checkpoint_dirs(tmp_path / "checkpoints")]
+    assert names == ["step-000001", "step-000003", "step-000004"]
+
+
+def test_an_interrupted_save_is_skipped_and_a_failed_one_keeps_the_earlier(tmp_path, monkeypatch):
+    cfg = config_lib.RunConfig(output_dir=str(tmp_path))
+    accelerator = fake_accelerator()
+    checkpoint.save(accelerator, cfg, {"step": 2})
+    (tmp_path / "checkpoints" / "step-000004.tmp").mkdir()  # killed while saving step 4
+    (tmp_path / "checkpoints" / "step-000004.tmp" / "model.safetensors").write_text("half")
+    assert checkpoint.find_resume("auto", tmp_path).name == "step-000002"
+
+    def disk_full(directory):
+        raise OSError(28, "No space left on device")
+    accelerator.save_state = disk_full
+    with pytest.raises(UserError, match=r"could not write checkpoint .*step-000006 \(No space left on device\); "
+                                        r"earlier checkpoints are intact \(newest: step-000002\)"):
+        checkpoint.save(accelerator, cfg, {"step": 6})
+    assert checkpoint.find_resume("auto", tmp_path).name == "step-000002"
+
+
+def test_resuming_an_older_checkpoint_sets_the_newer_ones_aside(tmp_path):
+    cfg = config_lib.RunConfig(output_dir=str(tmp_path))
+    cfg.checkpoint.keep_last = 0
+    for step in (2, 4, 6):
+        checkpoint.save(fake_accelerator(), cfg, {"step": step})
+    root = tmp_path / "checkpoints"
+    moved = checkpoint.set_aside_newer(root / "step-000002", tmp_path)
+    assert [p.name for p in moved] == ["step-000004", "step-000006"]
+    assert checkpoint.find_resume("auto", tmp_path).name == "step-000002"
+    assert len(list(root.glob("abandoned-*/step-000006"))) == 1  # kept, out of resume=auto's way
+
+
+def test_a_line_cut_short_by_a_kill_does_not_stop_a_resume(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
+    trim_metrics(path, last_step=2)
+    assert path.read_text() == '{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n'
 
 
 def test_bad_input_is_one_error_line_and_destroys_nothing(single_run, text_data, tmp_path):
@@ -106,3 +262,17 @@ def test_bad_input_is_one_error_line_and_destroys_nothing(single_run, text_data,
         assert [line for line in proc.stderr.splitlines() if line.startswith("error:")] == \
             [proc.stderr.strip().splitlines()[-1]]
     assert (single_run / "metrics.jsonl").read_text() == before
+
+
+@pytest.mark.distributed
+def test_make_demo_trains_with_two_processes_and_evaluates(tmp_path):
+    """The README's first command, shortened: set-up is already done (the venv exists)."""
+    out = tmp_path / "demo"
+    proc = subprocess.run(["make", "demo", f"DEMO_DIR={out}", "VENV=" + str(ROOT / ".venv"),
+                           "DEMO_ARGS=train.max_steps=4 eval.every=2 eval.max_batches=2 checkpoint.every=2"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert runtime(out)["num_processes"] == 2
+    assert [r["step"] for r in metrics(out)[1]] == [0, 2, 4]
+    report = json.loads((out / "eval_final.json").read_text())["results"][0]
+    assert report["documents"] > 0 and report["perplexity"] > 1 and "perplexity" in proc.stdout
