@@ -27,11 +27,16 @@ ARGS = {"train.micro_batch_size": 2, "train.grad_accum_steps": 2, "checkpoint.ke
 # ~5e-7), while a normalisation or sync bug moves them by 1e-2 or more.
 LOSS_RTOL, WEIGHT_ATOL = 1e-5, 1e-4
 # Except after the restart from an NVMe-offloaded checkpoint: an uninterrupted zero3_nvme run
-# equals DDP to 1e-7, but DeepSpeed 0.19 does not restore the swapped optimizer state exactly
-# (measured after the restart: loss 4e-5 then 6e-4 relative, grad norm up to 3.3%, weights up to
-# 5e-3 absolute after two steps at lr 1e-3). A known limit, stated in the README and warned about
-# on resume; the steps before the restart are still held to the tight bounds.
-RESUME_DRIFT = {"zero3_nvme": {"loss": 1e-3, "grad_norm": 5e-2, "weights": 1e-2}}
+# equals DDP to 1e-7, but DeepSpeed 0.19 restores only the weights exactly, not the swapped Adam
+# moments (measured after the restart: loss 4e-5 then 6e-4 relative, grad norm up to 3.3%). A
+# known limit, stated in the README and warned about on resume; the steps before the restart are
+# still held to the tight bounds, and the weights to what NVME_WEIGHTS says.
+RESUME_DRIFT = {"zero3_nvme": {"loss": 1e-3, "grad_norm": 5e-2}}
+# In units of ||what DDP's steps 3-4 moved the weights||, measured: ours moved 1.32 from the step-2
+# weights and ended 1.01 from DDP's final weights (the path of a barely restored optimizer). A run
+# that did not train after the restart would have moved 0; one that lost its weights would end
+# about 2 away (four steps' movement). A max-abs bound as loose as the drift would pass both.
+NVME_WEIGHTS = {"moved_at_least": 0.5, "drift_at_most": 1.5}
 
 
 def expected(name: str) -> dict:
@@ -50,7 +55,8 @@ def expected(name: str) -> dict:
 @pytest.fixture(scope="module")
 def ddp_run(text_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp_ref")
-    launch("toolkit.train", tiny_run(text_data, out, **ARGS), config="ddp", extra=["--mixed_precision", "no"])
+    launch("toolkit.train", tiny_run(text_data, out, **ARGS, **{"checkpoint.every": 2}), config="ddp",
+           extra=["--mixed_precision", "no"])
     return out
 
 
@@ -67,7 +73,7 @@ def test_config_trains_resumes_and_exports_like_ddp(name, ddp_run, text_data, tm
     assert info["num_processes"] == 2 and info["mixed_precision"] == "no"
     assert {k: info[k] for k in expected(name)} == expected(name)
 
-    tight = {"loss": LOSS_RTOL, "grad_norm": 1e-3, "weights": WEIGHT_ATOL}
+    tight = {"loss": LOSS_RTOL, "grad_norm": 1e-3}
     after_restart = {**tight, **RESUME_DRIFT.get(name, {})}
     ours, ddp = metrics(out)[0], metrics(ddp_run)[0]
     assert [r["step"] for r in ours] == [1, 2, 3, 4]
@@ -87,10 +93,24 @@ def test_config_trains_resumes_and_exports_like_ddp(name, ddp_run, text_data, tm
     if expected(name).get("offload_optimizer") == "nvme":  # DeepSpeed's zero_to_fp32 can't read swap files
         with pytest.raises(UserError, match="saved with NVMe offload"):
             export.main(step_4)
-        assert_same_weights(ddp_run / "final", out / "final", atol=after_restart["weights"])
+        assert_drift_below_movement(ddp_run, out / "final")
         return
     export.main(step_4)
-    assert_same_weights(ddp_run / "final", out / "final", tmp_path / "exported", atol=after_restart["weights"])
+    assert_same_weights(ddp_run / "final", out / "final", tmp_path / "exported")
+
+
+def assert_drift_below_movement(ddp_run: Path, final: Path) -> None:
+    """The NVMe run trained after its restart from the step-2 weights, along a path near DDP's."""
+    before = load_file(ddp_run / "checkpoints" / "step-000002" / "model.safetensors")
+    after, ours = load_file(ddp_run / "final" / "model.safetensors"), load_file(final / "model.safetensors")
+    keys = sorted(set(ours) & set(after) & set(before))
+
+    def distance(a, b):
+        return torch.cat([(a[k] - b[k]).flatten() for k in keys]).norm()
+
+    movement = distance(after, before)
+    moved, drift = distance(ours, before) / movement, distance(ours, after) / movement
+    assert moved > NVME_WEIGHTS["moved_at_least"] and drift < NVME_WEIGHTS["drift_at_most"], (moved, drift)
 
 
 def assert_same_weights(reference_dir: Path, *dirs: Path, atol: float = WEIGHT_ATOL) -> None:

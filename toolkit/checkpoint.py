@@ -136,8 +136,9 @@ def resume(accelerator, path: Path) -> None:
     """All ranks: restore model, optimizer, scheduler and RNG from `path`."""
     accelerator.load_state(str(path))
     if (path / "pytorch_model" / "offloaded_tensors").is_dir():
-        accelerator.print(f"warning: {path} was saved with NVMe offload; DeepSpeed restores its optimizer state "
-                          "only approximately (see README, Known limits)")
+        accelerator.print(f"warning: {path} was saved with NVMe offload; DeepSpeed restores its weights but not "
+                          "its swapped optimizer moments exactly, so training continues on a nearby path, not the "
+                          "uninterrupted one (see docs/strategies.md)")
 
 
 def set_aside_newer(path: Path, output_dir: str | Path) -> list[Path]:
