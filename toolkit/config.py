@@ -7,10 +7,12 @@ from the package, so every other module can import it.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
 import os
 import sys
+import textwrap
 import types
 import typing
 from dataclasses import dataclass, field
@@ -71,13 +73,17 @@ class DataConfig:
     split: str = "train"
     """Split to read from a hub dataset (the held-out one uses `eval_split` when `eval` is a hub name)."""
     eval_split: str = "validation"
+    """Split of a hub dataset given as `eval` to read the held-out documents from."""
     block_size: int = 128
     """Tokens per training sequence (text: packed block length; sft: maximum length)."""
     format: str = "auto"
     """auto | text (`text` field, packed) | sft (`prompt`/`response` fields, prompt masked)."""
     text_field: str = "text"
+    """Column holding the documents of text data."""
     prompt_field: str = "prompt"
+    """Column holding the prompts of sft data (not trained on)."""
     response_field: str = "response"
+    """Column holding the responses of sft data (trained on)."""
 
 
 @dataclass
@@ -89,11 +95,16 @@ class TrainConfig:
     max_steps: int = 0
     """Optimizer steps to run; 0 means `epochs` passes over the training data."""
     epochs: float = 1.0
+    """Passes over the training data when `max_steps` is 0 (fractions allowed)."""
     seed: int = 42
+    """Seed of the initial weights, the data order and the held-out split."""
     log_every: int = 1
     """Log every N optimizer steps (metrics.jsonl and trackers)."""
-    report_to: str = "none"
-    """Extra tracker for accelerate: none | tensorboard | wandb | all."""
+    report_to: str = "tensorboard"
+    """Trackers besides metrics.jsonl: none | tensorboard (event files in output_dir/tensorboard/) | wandb
+    (offline unless logged in and online, or WANDB_MODE is set) | all (tensorboard and wandb)."""
+    peak_tflops: float = 0.0
+    """Peak TFLOP/s of one device, the denominator of `mfu`; 0: a table of known GPUs, or a matmul probe on CPU."""
     max_bad_steps: int = 3
     """Stop after this many optimizer steps in a row with a non-finite loss or gradient (each is skipped)."""
     collective_timeout: float = 600.0
@@ -109,13 +120,19 @@ class OptimConfig:
     name: str = "adamw"
     """adamw | adamw_8bit | paged_adamw_8bit | deepspeed (the optimizer the DeepSpeed JSON defines)."""
     lr: float = 3e-4
+    """Peak learning rate (after warmup)."""
     weight_decay: float = 0.0
+    """AdamW weight decay (never on biases and LayerNorm weights)."""
     beta1: float = 0.9
+    """AdamW beta1."""
     beta2: float = 0.999
+    """AdamW beta2."""
     eps: float = 1e-8
+    """AdamW epsilon."""
     scheduler: str = "cosine"
     """linear | cosine | constant (all with warmup), via transformers.get_scheduler."""
     warmup_steps: int = 0
+    """Optimizer steps of linear warmup from 0 to `lr`."""
     max_grad_norm: float = 1.0
     """Clip the global gradient norm to this; 0 turns clipping off (the norm is still logged)."""
 
@@ -125,6 +142,7 @@ class EvalConfig:
     every: int = 0
     """Evaluate on held-out data every N optimizer steps (0: off) and at the end of training."""
     micro_batch_size: int = 8
+    """Held-out sequences per process per forward pass."""
     max_batches: int = 0
     """Cap evaluation at N batches per process (0: the whole held-out set)."""
 
@@ -140,10 +158,15 @@ class CheckpointConfig:
 @dataclass
 class LoraConfig:
     enabled: bool = False
+    """Train LoRA adapters (peft) instead of all weights; the base weights stay frozen."""
     r: int = 8
+    """Rank of the adapters."""
     alpha: int = 16
+    """Scaling numerator: the adapter's update is multiplied by alpha / r."""
     dropout: float = 0.05
+    """Dropout on the adapters' input."""
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    """Modules that get adapters: any of q_proj, k_proj, v_proj, out_proj, fc1, fc2."""
     merge: bool = False
     """Also write `final/merged/`, a full model with the adapter folded in."""
 
@@ -160,6 +183,7 @@ class RunConfig:
     resume: str = "none"
     """none | auto (newest checkpoint in output_dir, if any) | PATH to a checkpoint directory."""
     output_dir: str = "runs/default"
+    """Where the run writes config.yaml, metrics.jsonl, summary.json, curves.png, tensorboard/, checkpoints/, final/."""
     runtime: dict = field(default_factory=dict)
     """Written by the toolkit, not read: what actually ran (processes, strategy, versions...)."""
 
@@ -173,9 +197,58 @@ CHOICES = {
 POSITIVE = ("data.block_size", "train.micro_batch_size", "train.grad_accum_steps", "train.log_every",
             "train.max_bad_steps", "train.collective_timeout",
             "eval.micro_batch_size", "lora.r", "lora.alpha", "optim.lr")
-NON_NEGATIVE = ("train.max_steps", "train.epochs", "optim.weight_decay", "optim.warmup_steps",
+NON_NEGATIVE = ("train.max_steps", "train.epochs", "train.peak_tflops", "optim.weight_decay", "optim.warmup_steps",
                 "optim.max_grad_norm", "eval.every", "eval.max_batches", "checkpoint.every",
                 "checkpoint.keep_last", "lora.dropout")
+
+
+def field_docs() -> dict[str, str]:
+    """{"train.max_steps": its docstring, ...}: the string literal under each field above, read from
+    this module's source (Python keeps no such docstrings at runtime)."""
+    try:
+        tree = ast.parse(Path(__file__).read_text())
+    except OSError:  # installed without sources: help without meanings, rather than no help
+        return {}
+    classes = {node.name: node for node in tree.body if isinstance(node, ast.ClassDef)}
+    sections = {name: hint.__name__ for name, hint in typing.get_type_hints(RunConfig).items()
+                if dataclasses.is_dataclass(hint)}
+    docs = {}
+    for prefix, class_name in [("", "RunConfig"), *((f"{s}.", c) for s, c in sections.items())]:
+        body = classes[class_name].body
+        for node, after in zip(body, body[1:]):
+            if (isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr)
+                    and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
+                docs[prefix + node.target.id] = " ".join(after.value.value.split())
+    return docs
+
+
+def help_text(width: int = 100) -> str:
+    """Every run config key with its default and meaning, generated from the dataclasses and their
+    field docstrings, so `--help` cannot drift from the code."""
+    docs = field_docs()
+    lines = ["run config keys (in the --config YAML, or as key=value overrides; shown with their defaults):"]
+    for key, default in _keys(RunConfig(), ""):
+        lines.append(f"  {key}={_show(default)}")
+        lines += textwrap.wrap(docs.get(key, ""), width, initial_indent=" " * 6, subsequent_indent=" " * 6)
+    return "\n".join(lines)
+
+
+def _keys(obj, prefix: str):
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from _keys(value, f"{prefix}{f.name}.")
+        elif f.name != "runtime":  # written by the toolkit into config.yaml, not a setting
+            yield prefix + f.name, value
+
+
+def _show(value) -> str:
+    """A default as it is written on the command line."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list):
+        return ",".join(value)
+    return "null" if value is None else '""' if value == "" else str(value)
 
 
 def load(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:

@@ -7,6 +7,7 @@ read its cache.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import datasets
@@ -29,6 +30,10 @@ def load_source(source: str, split: str = "train") -> datasets.Dataset:
         elif path.suffix in LOADERS:
             if not path.is_file():
                 raise UserError(f"data file {source} does not exist: check the path")
+            if path.suffix != ".parquet" and not path.read_bytes().strip():
+                raise UserError(f"data file {source} is empty: give a file with at least one document")
+            if path.suffix == ".jsonl":
+                check_json_lines(path)  # datasets' own error names neither the line nor the problem
             # .txt: one document per paragraph (blank-line separated), the way plain text corpora are written.
             extra = {"sample_by": "paragraph"} if path.suffix == ".txt" else {}
             ds = datasets.load_dataset(LOADERS[path.suffix], data_files=str(path), split="train", **extra)
@@ -45,6 +50,21 @@ def load_source(source: str, split: str = "train") -> datasets.Dataset:
     if len(ds) == 0:
         raise UserError(f"data {source} is empty: give a file with at least one document")
     return ds
+
+
+def check_json_lines(path: Path) -> None:
+    with path.open(encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"data file {path} line {number} is not valid JSON ({e.msg} at column {e.colno}): "
+                                "fix or remove that line") from None
+            if not isinstance(record, dict):
+                raise UserError(f"data file {path} line {number} is not a JSON object: write one object per line, "
+                                'e.g. {"text": "..."}')
 
 
 def load_raw(cfg: DataConfig, seed: int) -> tuple[datasets.Dataset, datasets.Dataset]:

@@ -25,6 +25,7 @@ from .config import DataConfig, ModelConfig, RunConfig, UserError, run_cli
 from .data import IGNORE
 from .files import replaced_file, write_text
 from .model import build_model, is_preset
+from .telemetry import quiet_known_noise
 from .validation import evaluate_model
 
 COLUMNS = ("loss", "perplexity", "bits_per_byte", "accuracy", "tokens", "documents")
@@ -248,6 +249,7 @@ def score(accelerator, target: Target, args) -> dict:
 
 def main(argv=None) -> None:
     job.follow_launcher()  # a worker whose launcher is killed stops too (evaluation saves nothing)
+    quiet_known_noise()  # before the libraries that print it are loaded
     args = parse_args(argv)
     targets = find_targets(args.checkpoint)
     accelerator = eval_accelerator(targets, args)

@@ -7,6 +7,7 @@ training text, with OPT's conventions (`</s>` is BOS and EOS, `<pad>` pads).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -47,8 +48,8 @@ def build_tokenizer(cfg: ModelConfig, texts: Iterable[str] | None = None, cache_
     if not is_preset(cfg.name_or_path):
         try:
             return AutoTokenizer.from_pretrained(cfg.name_or_path, revision=cfg.revision)
-        except OSError as e:
-            raise UserError(f"cannot load a tokenizer from {cfg.name_or_path!r}: {str(e).splitlines()[0]}") from None
+        except (OSError, ValueError) as e:
+            raise check_source(cfg.name_or_path, e) from None
     if cache_dir is not None and (Path(cache_dir) / "tokenizer.json").is_file():
         return AutoTokenizer.from_pretrained(cache_dir)
     if texts is None:
@@ -75,6 +76,24 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedToke
                                    unk_token="<unk>", model_max_length=10**9)
 
 
+def check_source(name: str, error: OSError) -> UserError:
+    """A clear message for a model or tokenizer that can't be loaded (transformers' own says
+    "Repo id must be in the form..." for a local directory that does not exist)."""
+    if name.startswith((".", "/", "~")) or Path(name).expanduser().exists():
+        path = Path(name).expanduser()
+        if not path.exists():
+            return UserError(f"model directory {name} does not exist: check model.name_or_path")
+        return UserError(f"{name} is not a Hugging Face model directory ({str(error).splitlines()[0]}): it needs "
+                         "config.json, the weights and the tokenizer files")
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    if offline or "connect" in str(error):
+        why = "the Hub is off (HF_HUB_OFFLINE)" if offline else "the Hub cannot be reached"
+        return UserError(f"model {name!r} is not in the local Hugging Face cache and {why}: check the id, download "
+                         "it once with network, or give a local model directory")
+    return UserError(f"cannot load model {name!r} ({str(error).splitlines()[0]}): check the hub id, the network, "
+                     "or give a local model directory")
+
+
 def model_config(cfg: ModelConfig, tokenizer) -> OPTConfig:
     if is_preset(cfg.name_or_path):
         config = OPTConfig(**PRESETS[cfg.name_or_path], pad_token_id=tokenizer.pad_token_id,
@@ -82,8 +101,8 @@ def model_config(cfg: ModelConfig, tokenizer) -> OPTConfig:
     else:
         try:
             config = AutoConfig.from_pretrained(cfg.name_or_path, revision=cfg.revision)
-        except OSError as e:
-            raise UserError(f"cannot load a model config from {cfg.name_or_path!r}: {str(e).splitlines()[0]}") from None
+        except (OSError, ValueError) as e:
+            raise check_source(cfg.name_or_path, e) from None
         if config.model_type != "opt":
             raise UserError(f"{cfg.name_or_path} is a {config.model_type} model; this toolkit trains OPT models")
     if cfg.dropout is not None:

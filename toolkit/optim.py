@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 
 import torch
-from transformers import get_scheduler
 
 from .config import OptimConfig, UserError
 
@@ -60,6 +59,8 @@ def build_scheduler(optimizer, cfg: OptimConfig, max_steps: int, json_scheduler:
     With a DeepSpeed-owned optimizer (`optim.name=deepspeed`) the optimizer does not exist yet, so
     DeepSpeed gets a recipe: the run config's schedule, built on its optimizer, or, when the
     DeepSpeed JSON defines a "scheduler" section (`json_scheduler`), that one."""
+    from transformers import get_scheduler  # here, not at import: it loads peft and bitsandbytes (seconds)
+
     name = "constant_with_warmup" if cfg.scheduler == "constant" else cfg.scheduler
     schedule = functools.partial(get_scheduler, name, num_warmup_steps=cfg.warmup_steps,
                                  num_training_steps=max_steps)

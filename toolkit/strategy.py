@@ -19,6 +19,7 @@ import torch
 from accelerate import Accelerator, DataLoaderConfiguration, PartialState
 from accelerate.utils import DistributedType, GradientAccumulationPlugin, InitProcessGroupKwargs
 
+from . import telemetry
 from .config import RunConfig, UserError
 from .optim import EIGHT_BIT, import_bitsandbytes
 
@@ -59,7 +60,7 @@ def make_accelerator(cfg: RunConfig) -> Accelerator:
         # Seeded per-epoch shuffling that is identical on every rank and after a resume.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
         step_scheduler_with_optimizer=False,  # the loop steps the scheduler once per optimizer step
-        log_with=None if cfg.train.report_to == "none" else cfg.train.report_to,
+        log_with=telemetry.trackers(cfg.train.report_to, cfg.output_dir),  # started by Telemetry
         project_dir=cfg.output_dir,
     )
     if requested.kind == "deepspeed":

@@ -1,40 +1,299 @@
-"""What a run reports: metrics.jsonl, accelerate trackers, a progress bar, throughput and memory.
+"""What a run reports: metrics.jsonl, trackers (TensorBoard, wandb), a progress bar, throughput,
+MFU and memory, and at the end a summary (printed, summary.json) and curves.png.
 
-Only the main process writes; every method is safe to call on every rank.
+Only the main process writes; every method of `Telemetry` is safe to call on every rank (and
+`throughput` must be: it is the one collective of a logged step).
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import math
+import netrc
+import os
+import re
 import resource
+import socket
 import sys
 import time
+import warnings
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 from tqdm.auto import tqdm
 
+from .config import RunConfig, UserError, to_dict
+from .files import replaced_file, write_text
+
+# --- known third-party noise ----------------------------------------------------------------------
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, pattern: str):
+        super().__init__()
+        self.pattern = re.compile(pattern)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not self.pattern.search(record.getMessage())
+
+
+def quiet_known_noise() -> None:
+    """Silence third-party messages known to be harmless here, each by its logger and exact text,
+    so every other warning still shows. Call first thing in a CLI's main, before the libraries load
+    (a filter on a logger that does not exist yet is kept: `getLogger` creates it, they reuse it)."""
+    dropped = {
+        # bitsandbytes' optional 4-bit CPU kernels from the Hub; the toolkit uses no 4-bit layers
+        "bitsandbytes.backends.cpu.ops": r"Failed to load CPU gemm_4bit_forward from kernels-community",
+        # OPT ties lm_head to the token embeddings: saving stores the tensor once, loading re-ties it
+        "accelerate.utils.other": r"Removed shared tensor \{'lm_head\.weight'\} while saving",
+    }
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() not in ("1", "true", "yes"):
+        # DeepSpeed, imported by other libraries, says where it would run; this run does not use it
+        dropped["DeepSpeed"] = r"Setting accelerator to CPU"
+    for name, pattern in dropped.items():
+        logging.getLogger(name).addFilter(_DropMessages(pattern))
+    # torch deprecates these collectives in favour of *_single ones; DeepSpeed (and accelerate) still
+    # call them, and they work.
+    warnings.filterwarnings("ignore", category=FutureWarning,
+                            message=r"`torch\.distributed\.(reduce_scatter_tensor|all_gather_into_tensor)` is deprecated")
+
+
+# --- trackers -------------------------------------------------------------------------------------
+
+
+def trackers(report_to: str, output_dir: str | Path) -> list | None:
+    """accelerate's `log_with` for `train.report_to`. TensorBoard writes its event files straight
+    into output_dir/tensorboard/ (a tracker instance with an empty run name); wandb is named, so the
+    project passed to `init_trackers` becomes its project."""
+    if report_to == "none":
+        return None
+    chosen = []
+    if report_to in ("tensorboard", "all"):
+        from accelerate.tracking import TensorBoardTracker
+        chosen.append(TensorBoardTracker("", Path(output_dir) / "tensorboard"))
+    if report_to in ("wandb", "all"):
+        import importlib.util
+        if importlib.util.find_spec("wandb") is None:
+            raise UserError(f"train.report_to={report_to} needs wandb, which is not installed: pip install wandb, "
+                            "or set train.report_to=tensorboard")
+        chosen.append("wandb")
+    return chosen
+
+
+def flatten(config: dict, prefix: str = "") -> dict:
+    """{"train.max_steps": 4, "lora.target_modules": "q_proj,v_proj", ...}: the values trackers
+    accept as hyperparameters (TensorBoard refuses lists and nested dicts)."""
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        elif isinstance(value, (list, tuple)):
+            flat[prefix + key] = ",".join(str(v) for v in value)
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
+def choose_wandb_mode() -> str:
+    """wandb runs offline (files in output_dir/wandb, `wandb sync` later) unless it is logged in and
+    its server answers; a WANDB_MODE the user set always wins. Returns the mode."""
+    if "WANDB_MODE" not in os.environ:
+        host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
+        if not (_wandb_logged_in(host) and _reachable(host)):
+            os.environ["WANDB_MODE"] = "offline"
+    return os.environ.get("WANDB_MODE", "online")
+
+
+def _wandb_logged_in(host: str) -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:  # `wandb login` stores the key in ~/.netrc
+        return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def _reachable(host: str, timeout: float = 3.0) -> bool:
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+# --- FLOPs: what the model needs per token, what the hardware can do --------------------------------
+
+
+def model_flops(model) -> dict:
+    """Training FLOPs per token, PaLM's way (appendix B): a matmul with a weight costs 2 FLOPs per
+    weight element per token forward and 4 backward (gradients of the input and of the weight), so
+    6 per trainable parameter; a frozen one (LoRA's base) needs no weight gradient: 4. Attention
+    scores and values add 12 * layers * hidden per token per position of context.
+
+    Parameters counted: all but the position embeddings (a lookup). The token embedding counts once,
+    for the output projection tied to it (a real vocab x hidden matmul per token). Recomputation
+    under activation checkpointing is not counted (MFU, not hardware FLOPs utilization)."""
+    trainable = frozen = 0
+    for name, p in model.named_parameters():  # each tied tensor once
+        if "embed_positions" in name:
+            continue
+        numel = getattr(p, "ds_numel", p.numel())  # ZeRO-3 placeholders are empty; FSDP2 DTensors report the full size
+        if p.requires_grad:
+            trainable += numel
+        else:
+            frozen += numel
+    config = model.config
+    return {"flops_per_token": 6 * trainable + 4 * frozen,
+            "attention_flops_per_token_per_position": 12 * config.num_hidden_layers * config.hidden_size}
+
+
+# Dense peak TFLOP/s per GPU: (bf16/fp16 tensor cores, fp32), from the vendors' data sheets.
+GPU_PEAK_TFLOPS = [
+    (r"H100", (989.0, 67.0)),
+    (r"A100", (312.0, 19.5)),
+    (r"V100", (125.0, 15.7)),
+    (r"A10G", (125.0, 31.2)),
+    (r"\bL4\b", (121.0, 30.3)),
+    (r"RTX 4090", (165.0, 82.6)),
+    (r"\bT4\b", (65.0, 8.1)),
+]
+
+
+def peak_flops(accelerator, cfg: RunConfig, mixed_precision: str) -> dict:
+    """Peak TFLOP/s of one process's device, the denominator of MFU, and where it comes from:
+    train.peak_tflops, else the GPU table, else the best rate of a short matmul probe (on CPU: fp32,
+    with this process's threads). Measured once, by the main process only (the others return {})."""
+    if not accelerator.is_main_process:
+        return {}
+    half = mixed_precision in ("bf16", "fp16")
+    if cfg.train.peak_tflops > 0:
+        return {"peak_tflops": cfg.train.peak_tflops, "peak_tflops_source": "train.peak_tflops"}
+    device = accelerator.device
+    if device.type == "cuda" and gpu_peak_tflops(torch.cuda.get_device_name(device), half):
+        name = torch.cuda.get_device_name(device)
+        return {"peak_tflops": gpu_peak_tflops(name, half),
+                "peak_tflops_source": f"table: {name}, {'bf16/fp16' if half else 'fp32'} dense"}
+    # CPU, or a GPU the table does not know: measure. On a GPU that is a floor, not the data-sheet
+    # peak (set train.peak_tflops); on CPU it is what the cores really do with fp32 matmuls.
+    dtype = torch.bfloat16 if half and device.type != "cpu" else torch.float32
+    n = 1024 if device.type == "cpu" else 8192
+    tflops = matmul_tflops(device, dtype, n)
+    where = f"{torch.get_num_threads()} thread(s)" if device.type == "cpu" else torch.cuda.get_device_name(device)
+    return {"peak_tflops": round(tflops, 4),
+            "peak_tflops_source": f"measured: best {n}x{n} {str(dtype).removeprefix('torch.')} matmul, "
+                                  f"{device.type}, {where}"}
+
+
+def gpu_peak_tflops(device_name: str, half: bool) -> float | None:
+    for pattern, (half_peak, fp32_peak) in GPU_PEAK_TFLOPS:
+        if re.search(pattern, device_name):
+            return half_peak if half else fp32_peak
+    return None
+
+
+def matmul_tflops(device, dtype=torch.float32, n: int = 1024, seconds: float = 0.3) -> float:
+    """The best rate of n x n matmuls over about `seconds`: the best, not the mean, so a moment of
+    contention from other processes on the machine lowers it as little as possible."""
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    a @ b  # warm up: first-call allocation and kernel selection
+    sync()
+    best, deadline = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        start = time.perf_counter()
+        a @ b
+        sync()
+        best = max(best, 2 * n**3 / (time.perf_counter() - start))
+    return best / 1e12
+
+
+# --- the run's reporter ---------------------------------------------------------------------------
+
+
+def count_tokens(batch: dict) -> tuple[torch.Tensor, int]:
+    """(real tokens: positions with attention_mask 1, all input positions incl. padding) of a batch.
+    The real count stays a tensor on the batch's device: counting never waits for the GPU."""
+    ids = batch["input_ids"]
+    mask = batch.get("attention_mask")
+    real = mask.sum() if mask is not None else torch.tensor(ids.numel(), device=ids.device)
+    return real, ids.numel()
+
 
 class Telemetry:
-    def __init__(self, accelerator, output_dir: str | Path, max_steps: int, start_step: int = 0):
+    def __init__(self, accelerator, cfg: RunConfig, max_steps: int, start_step: int = 0):
         self.accelerator = accelerator
         self.is_main = accelerator.is_main_process
-        self.path = Path(output_dir) / "metrics.jsonl"
+        self.out = Path(cfg.output_dir)
+        self.path = self.out / "metrics.jsonl"
+        self.max_steps = max_steps
         self.bar = tqdm(total=max_steps, initial=start_step, disable=not self.is_main, desc="train",
                         dynamic_ncols=True, file=sys.stdout)
-        self.window_start = time.perf_counter()
-        self.window_tokens = 0
+        runtime = cfg.runtime
+        self.flops_per_token = runtime.get("flops_per_token", 0)
+        self.attention_flops = runtime.get("attention_flops_per_token_per_position", 0)
+        # Peak of all processes together (each has a device like the main one's), for MFU.
+        self.peak_flops = runtime.get("peak_tflops", 0) * 1e12 * accelerator.num_processes
+        # This rank's [real tokens, padded tokens, model FLOPs] since the last logged step.
+        self.pending = torch.zeros(3, dtype=torch.float64, device=accelerator.device)
+        # The clock runs only inside optimizer steps: evaluation and checkpoints don't count against throughput.
+        self.step_start = self.window_time = 0.0
+        self.started = time.perf_counter()
+        self.totals = {"input_tokens": 0.0, "padded_tokens": 0.0, "flops": 0.0, "seconds": 0.0, "peak_mem_gb": 0.0}
         self.evals: list[dict] = []
+        self._start_trackers(cfg, start_step)
 
-    def count_tokens(self, n: int) -> None:
-        self.window_tokens += n
+    def _start_trackers(self, cfg: RunConfig, start_step: int) -> None:
+        """All ranks call accelerate's init_trackers; it starts them on the main process only."""
+        from accelerate.tracking import TensorBoardTracker
+
+        names = [getattr(t, "name", str(t)) for t in self.accelerator.log_with]
+        for tracker in self.accelerator.log_with:
+            if isinstance(tracker, TensorBoardTracker):
+                # TensorBoard hides what an earlier run in this output_dir logged after the step we
+                # start from (a resume's checkpoint), as trim_metrics drops it from metrics.jsonl.
+                # The tracker passes init_kwargs to SummaryWriter.
+                tracker.init_kwargs["purge_step"] = start_step + 1
+        if "wandb" in names and self.is_main:
+            choose_wandb_mode()
+        self.accelerator.init_trackers(os.environ.get("WANDB_PROJECT", "toolkit"), config=flatten(to_dict(cfg)),
+                                       init_kwargs={"wandb": {"name": self.out.name, "dir": str(self.out)}})
+
+    def step_begins(self) -> None:
+        self.step_start = time.perf_counter()
+
+    def count_batch(self, batch: dict) -> None:
+        """After each micro-batch on each rank: its tokens and model FLOPs (no collective, no sync)."""
+        real, padded = count_tokens(batch)
+        per_token = self.flops_per_token + self.attention_flops * batch["input_ids"].shape[1]
+        self.pending[0] += real
+        self.pending[1] += padded
+        self.pending[2] += real.double() * per_token
+
+    def advance(self, steps: int = 1) -> None:
+        """After each optimizer step."""
+        self.window_time += time.perf_counter() - self.step_start
+        self.bar.update(steps)
 
     def throughput(self) -> dict:
-        """Tokens per second (all ranks, input tokens incl. padding) since the last call."""
-        now = time.perf_counter()
-        rate = self.window_tokens / max(now - self.window_start, 1e-9)
-        self.window_start, self.window_tokens = now, 0
-        return {"tokens_per_s": round(rate, 1), "peak_mem_gb": round(peak_memory_gb(), 3)}
+        """All ranks, at a logged step: rates over all ranks since the previous logged step, from one
+        all-gather of every rank's [real tokens, padded tokens, FLOPs, peak memory]."""
+        mine = torch.cat([self.pending, torch.tensor([peak_memory_gb()], dtype=torch.float64,
+                                                     device=self.pending.device)])
+        ranks = self.accelerator.gather(mine).view(-1, 4).cpu()
+        real, padded, flops = ranks[:, :3].sum(0).tolist()
+        mem_max = ranks[:, 3].max().item()
+        seconds = max(self.window_time, 1e-9)
+        self.pending.zero_()
+        self.window_time = 0.0
+        for key, value in (("input_tokens", real), ("padded_tokens", padded), ("flops", flops), ("seconds", seconds)):
+            self.totals[key] += value
+        self.totals["peak_mem_gb"] = max(self.totals["peak_mem_gb"], mem_max)
+        return {"input_tokens": int(real), "tokens_per_s": round(real / seconds, 1),
+                "padded_tokens_per_s": round(padded / seconds, 1),
+                "mfu": _significant(flops / seconds / self.peak_flops) if self.peak_flops else None,
+                "peak_mem_gb": round(ranks[0, 3].item(), 3), "peak_mem_gb_max": round(mem_max, 3)}
 
     def log(self, record: dict) -> None:
         if not self.is_main:
@@ -50,15 +309,90 @@ class Telemetry:
             self.bar.write(f"step {record['step']}: eval_loss {record['eval_loss']:.4f} "
                            f"eval_perplexity {record['eval_perplexity']:.3f}")
 
-    def advance(self, steps: int = 1) -> None:
-        self.bar.update(steps)
-
     def close(self) -> None:
+        """All ranks, when the loop ends (done, stopped by a signal, or too many bad steps): the
+        main process prints the summary and writes summary.json and curves.png."""
         self.bar.close()
+        if not self.is_main:
+            return
         if len(self.evals) > 1:
             first, last = self.evals[0], self.evals[-1]
             print(f"held-out perplexity {first['eval_perplexity']:.2f} at step {first['step']} -> "
                   f"{last['eval_perplexity']:.2f} at step {last['step']}")
+        records = read_metrics(self.path)
+        summary = self.summary(records)
+        write_text(self.out / "summary.json", json.dumps(summary, indent=2) + "\n")
+        print(summary_line(summary), flush=True)
+        plot_curves(records, self.out / "curves.png")
+
+    def summary(self, records: list[dict]) -> dict:
+        """The whole run's loss and evaluations (metrics.jsonl, across resumes); this session's
+        tokens, time and rates (a resumed run starts counting again)."""
+        train = [r for r in records if "loss" in r]
+        evals = [r for r in records if "eval_perplexity" in r]
+        best = min(evals, key=lambda r: r["eval_perplexity"], default=None)
+        t = self.totals
+        seconds = max(t["seconds"], 1e-9)
+        return {
+            "steps": train[-1]["step"] if train else 0, "max_steps": self.max_steps,
+            "tokens": train[-1]["tokens"] if train else 0,  # target tokens trained on, as in metrics.jsonl
+            "input_tokens": int(t["input_tokens"]), "padded_tokens": int(t["padded_tokens"]),
+            "wall_time_s": round(time.perf_counter() - self.started, 2), "train_time_s": round(t["seconds"], 2),
+            "tokens_per_s": round(t["input_tokens"] / seconds, 1),
+            "padded_tokens_per_s": round(t["padded_tokens"] / seconds, 1),
+            "mfu": _significant(t["flops"] / seconds / self.peak_flops) if self.peak_flops and t["flops"] else None,
+            "final_loss": train[-1]["loss"] if train else None,
+            "best_eval_perplexity": best["eval_perplexity"] if best else None,
+            "best_eval_step": best["step"] if best else None,
+            "peak_mem_gb": round(max(t["peak_mem_gb"], peak_memory_gb()), 3),
+        }
+
+
+def summary_line(s: dict) -> str:
+    parts = [f"step {s['steps']}/{s['max_steps']}", f"{s['input_tokens']:,} tokens in {s['wall_time_s']:.1f} s",
+             f"{s['tokens_per_s']:,.0f} tokens/s"]
+    if s["mfu"] is not None:
+        parts.append(f"mfu {s['mfu']:.2%}")
+    if s["final_loss"] is not None:
+        parts.append(f"final loss {s['final_loss']:.4f}")
+    if s["best_eval_perplexity"] is not None:
+        parts.append(f"best eval perplexity {s['best_eval_perplexity']:.3f} (step {s['best_eval_step']})")
+    parts.append(f"peak memory {s['peak_mem_gb']:.2f} GB")
+    return "summary: " + ", ".join(parts)
+
+
+def read_metrics(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_curves(records: list[dict], path: Path) -> None:
+    """Loss and learning rate by step, and held-out perplexity when there is any."""
+    train = [r for r in records if "loss" in r and math.isfinite(r["loss"])]
+    evals = [r for r in records if "eval_perplexity" in r]
+    if not train:
+        return
+    import matplotlib
+    matplotlib.use("Agg")  # no display on training machines
+    import matplotlib.pyplot as plt
+
+    panels = [("loss", "training loss (nats / token)", train), ("lr", "learning rate", train)]
+    if evals:
+        panels.append(("eval_perplexity", "held-out perplexity", evals))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.5))
+    for ax, (key, title, rows) in zip(axes, panels):
+        ax.plot([r["step"] for r in rows], [r[key] for r in rows], "o-" if len(rows) < 30 else "-", markersize=3)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    with replaced_file(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+def _significant(value: float, digits: int = 4) -> float:
+    return float(f"{value:.{digits}g}")
 
 
 def peak_memory_gb() -> float:

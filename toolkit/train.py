@@ -2,6 +2,10 @@
 
 `main` wires the run (config -> accelerator -> tokenizer/model -> data -> optimizer -> prepare ->
 resume); `train` is the loop, read top to bottom; the result is exported to `output_dir/final/`.
+
+Only the standard library and the config module load with this module, so `--help` and argument
+errors answer in a fraction of a second; torch, accelerate, transformers, DeepSpeed and
+bitsandbytes (several seconds) are imported where they are used, once the arguments are read.
 """
 
 from __future__ import annotations
@@ -11,29 +15,29 @@ import json
 import math
 from pathlib import Path
 
-import torch
-from accelerate.utils import set_seed
-
-from . import checkpoint, config as config_lib, data, job, strategy
+from . import config as config_lib
 from .config import RunConfig, UserError, run_cli
-from .model import apply_lora, build_model, build_tokenizer, model_config
-from .optim import build_optimizer, build_scheduler
 from .files import write_text
-from .telemetry import Telemetry
-from .validation import evaluate_model
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="toolkit.train", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="toolkit.train", description=__doc__.splitlines()[0],
+                                     epilog=config_lib.help_text(), formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML run config (examples/*.yaml)")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.max_steps=100")
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> None:
-    job.follow_launcher()  # before anything slow: a launcher killed meanwhile must not leave us orphaned
+    args = parse_args(argv)  # first: it needs no heavy import
+    from . import job  # (imports torch)
+
+    job.follow_launcher()  # before anything slower: a launcher killed meanwhile must not leave us orphaned
+    from . import strategy
+    from .telemetry import quiet_known_noise
+
+    quiet_known_noise()  # before the libraries that print it are loaded
     stop = job.StopSignal()
-    args = parse_args(argv)
     cfg = config_lib.load(args.config, args.overrides)
     out = Path(cfg.output_dir)
     accelerator = strategy.make_accelerator(cfg)
@@ -51,8 +55,19 @@ def main(argv=None) -> None:
             lock.release()
 
 
-def run(cfg: RunConfig, accelerator, stop: job.StopSignal) -> None:
+def run(cfg: RunConfig, accelerator, stop) -> None:
+    from accelerate.utils import set_seed
+
+    from . import checkpoint, data, job, strategy, telemetry
+    from .model import apply_lora, build_model, build_tokenizer, model_config
+    from .optim import build_optimizer, build_scheduler
+
     out = Path(cfg.output_dir)
+    state = {"step": 0, "epoch": 0, "batch": 0, "tokens": 0}
+    resume_from = checkpoint.find_resume(cfg.resume, out)
+    if resume_from is not None:  # refuse a checkpoint that would train something else before any work
+        state = checkpoint.check_resume(resume_from, cfg, accelerator.num_processes,
+                                        strategy.checkpoint_layout(accelerator))
     set_seed(cfg.train.seed)  # the same initial weights on every rank
     with job.main_process_first(accelerator):  # rank 0 builds tokenizer and data caches, the others reuse them
         raw_train, raw_eval = data.load_raw(cfg.data, cfg.train.seed)
@@ -83,12 +98,11 @@ def run(cfg: RunConfig, accelerator, stop: job.StopSignal) -> None:
     cfg.runtime = strategy.verify(accelerator, model, optimizer, cfg)  # stop here if not what was asked
     cfg.runtime.update(max_steps=max_steps, data_format=fmt, activation_checkpointing=checkpointing,
                        trainable_params=strategy.trainable_numel(model))
+    # What MFU is computed from: the model's FLOPs per token and this device's peak.
+    cfg.runtime.update(**telemetry.model_flops(accelerator.unwrap_model(model)),
+                       **telemetry.peak_flops(accelerator, cfg, cfg.runtime["mixed_precision"]))
 
-    state = {"step": 0, "epoch": 0, "batch": 0, "tokens": 0}
-    resume_from = checkpoint.find_resume(cfg.resume, out)
     if resume_from is not None:
-        state = checkpoint.check_resume(resume_from, cfg, accelerator.num_processes,
-                                        strategy.checkpoint_layout(accelerator))
         checkpoint.resume(accelerator, resume_from)  # all ranks
         accelerator.print(f"resumed from {resume_from} at step {state['step']}")
     with job.stop_together(accelerator):
@@ -109,10 +123,15 @@ def run(cfg: RunConfig, accelerator, stop: job.StopSignal) -> None:
 
 
 def train(cfg: RunConfig, accelerator, model, optimizer, scheduler, train_loader, eval_loader,
-          state: dict, max_steps: int, stop: job.StopSignal, resumed_from: Path | None = None) -> bool:
+          state: dict, max_steps: int, stop, resumed_from: Path | None = None) -> bool:
     """THE loop. One optimizer step = `grad_accum_steps` micro-batches on every rank. Returns
     False when a signal stopped it early (after saving a checkpoint to resume from)."""
-    telemetry = Telemetry(accelerator, cfg.output_dir, max_steps, start_step=state["step"])
+    import torch
+
+    from . import checkpoint, strategy
+    from .telemetry import Telemetry
+
+    telemetry = Telemetry(accelerator, cfg, max_steps, start_step=state["step"])
     batches = micro_batches(accelerator, train_loader, state)
     last_saved = resumed_from
     bad_steps = 0
@@ -121,6 +140,7 @@ def train(cfg: RunConfig, accelerator, model, optimizer, scheduler, train_loader
         run_evaluation(cfg, accelerator, model, eval_loader, telemetry, step=0)
     model.train()
     while state["step"] < max_steps:
+        telemetry.step_begins()
         window = [next(batches) for _ in range(cfg.train.grad_accum_steps)]
         # Read before backward: a DeepSpeed-owned schedule advances inside the last backward.
         lr = scheduler.get_last_lr()[0]
@@ -136,11 +156,12 @@ def train(cfg: RunConfig, accelerator, model, optimizer, scheduler, train_loader
                 # DDP/FSDP/DeepSpeed average gradients over ranks and accelerate/DeepSpeed divide the
                 # loss by the accumulation steps; both would turn our sum into a mean of means.
                 accelerator.backward(loss * accelerator.num_processes * accelerator.gradient_accumulation_steps)
-            telemetry.count_tokens(batch["input_ids"].numel() * accelerator.num_processes)
+            telemetry.count_batch(batch)  # this rank's tokens; summed over ranks when the step is logged
 
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm or math.inf)
         # The norm is global (the same on every rank), so every rank skips a non-finite step alike.
-        # (DeepSpeed has already stepped inside backward; its ZeRO-1/2 optimizers skip such steps.)
+        # (DeepSpeed has already stepped inside backward: see docs/training-loop.md for which of
+        # its optimizers skip such a step themselves.)
         finite = grad_norm is None or math.isfinite(float(grad_norm))
         if finite:
             optimizer.step()  # under DeepSpeed, accelerator.backward already stepped the engine
@@ -179,7 +200,9 @@ def train(cfg: RunConfig, accelerator, model, optimizer, scheduler, train_loader
     return True
 
 
-def run_evaluation(cfg: RunConfig, accelerator, model, eval_loader, telemetry: Telemetry, step: int) -> None:
+def run_evaluation(cfg: RunConfig, accelerator, model, eval_loader, telemetry, step: int) -> None:
+    from .validation import evaluate_model
+
     metrics = evaluate_model(model, eval_loader, accelerator, max_batches=cfg.eval.max_batches)  # all ranks
     telemetry.log({"step": step, **{f"eval_{k}": v for k, v in metrics.items()}})
 
@@ -199,6 +222,8 @@ def micro_batches(accelerator, loader, state: dict):
 
 def count_targets(batch: dict) -> int:
     """Tokens the loss scores: labels after the causal shift that are not ignored."""
+    from . import data
+
     return int((batch["labels"][:, 1:] != data.IGNORE).sum())
 
 
@@ -214,10 +239,14 @@ def count_steps(cfg: RunConfig, num_sequences: int, num_processes: int) -> int:
     return steps
 
 
-def claim_output_dir(cfg: RunConfig) -> job.OutputLock:
-    """Main process, before any work: lock output_dir for this run, or fail if it can't be written,
-    another run holds it, or it holds a run we were not told to resume."""
+def claim_output_dir(cfg: RunConfig):
+    """Main process, before any work: lock output_dir for this run (a job.OutputLock), or fail if it
+    can't be written, another run holds it, or it holds a run we were not told to resume."""
+    from . import job
+
     out = Path(cfg.output_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output_dir {out} is a file: choose a directory")
     try:
         out.mkdir(parents=True, exist_ok=True)
         lock = job.OutputLock(out)
