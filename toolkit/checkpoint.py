@@ -59,12 +59,14 @@ def save(accelerator, cfg: RunConfig, trainer_state: dict, keep: Path | None = N
     root = Path(cfg.output_dir) / "checkpoints"
     final = root / f"step-{trainer_state['step']:06d}"
     tmp = final.with_name(final.name + ".tmp")
-    with job.stop_together(accelerator, _save_failed(root, final)):
+    failed = _save_failed(root, final)
+    with job.stop_together(accelerator, failed):
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a crash while saving this very step
             tmp.mkdir(parents=True)
-    with job.stop_together(accelerator, _save_failed(root, final)):
+    with job.stop_together(accelerator, failed):  # ends once every rank has written its part
         accelerator.save_state(str(tmp))  # all ranks
+    with job.stop_together(accelerator, failed):
         if accelerator.is_main_process:
             (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=2))
             config_lib.save(cfg, tmp / "config.yaml")
