@@ -98,8 +98,9 @@ def test_one_writer_per_output_dir_and_a_killed_launcher_takes_its_workers_with_
         assert (out / "metrics.jsonl").read_text() == lines  # nobody writes any more
     finally:
         running.kill_all()
+    _, _, stderr = running.finish()  # what the workers printed (the launcher's files are theirs too)
     stopped_at = logged_steps(out)[-1]
-    assert (out / "checkpoints" / f"step-{stopped_at:06d}").is_dir()  # they saved on the way out
+    assert (out / "checkpoints" / f"step-{stopped_at:06d}").is_dir(), stderr[-3000:]  # they saved on the way out
     print(f"workers gone {gone_after:.1f} s after the launcher's SIGKILL, checkpoint at step {stopped_at}")
 
 

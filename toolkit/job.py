@@ -82,9 +82,11 @@ class StopSignal:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
-        if self.received is not None:  # a second signal: the user means it
+        # A second Ctrl-C means "now". A repeated SIGTERM does not: a launcher dying can deliver
+        # one from its own clean-up and one as our parent-death signal, within milliseconds.
+        if self.received is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        self.received = signum
+        self.received = self.received or signum
 
     def requested(self, accelerator) -> bool:
         """All ranks, once per step: whether any rank received a signal (one tiny all-reduce)."""
