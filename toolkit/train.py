@@ -30,6 +30,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)  # first: it needs no heavy import
+    cfg = config_lib.load(args.config, args.overrides)  # a bad config fails here, in a fraction of a second
     from . import job  # (imports torch)
 
     job.follow_launcher()  # before anything slower: a launcher killed meanwhile must not leave us orphaned
@@ -38,7 +39,6 @@ def main(argv=None) -> None:
 
     quiet_known_noise()  # before the libraries that print it are loaded
     stop = job.StopSignal()
-    cfg = config_lib.load(args.config, args.overrides)
     out = Path(cfg.output_dir)
     accelerator = strategy.make_accelerator(cfg)
     lock = None
