@@ -24,7 +24,8 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	# NVMe offload (zero3_nvme) needs DeepSpeed's async_io op, which builds against libaio.
 	dpkg -s libaio-dev >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
 		apt-get install -y -qq libaio-dev >/dev/null; } || echo "note: libaio-dev missing: NVMe offload unavailable"
-	$(PY) -m pip install -q -e ".[dev]" -c constraints.txt
+	# (setuptools warns about any editable install: nothing to act on)
+	PYTHONWARNINGS="ignore:Editable installation" $(PY) -m pip install -q -e ".[dev]" -c constraints.txt
 	touch $@
 
 demo: setup

@@ -1,4 +1,4 @@
-"""Held-out evaluation: `evaluate_model` (used by training too) and the checkpoint-scoring CLI.
+"""The checkpoint-scoring CLI (the evaluation itself, shared with training, is validation.py).
 
     python -m toolkit.evaluate --checkpoint runs/x/final --data heldout.jsonl
     accelerate launch --config_file accelerate_configs/zero3.yaml -m toolkit.evaluate \\
