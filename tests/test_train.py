@@ -15,7 +15,7 @@ import torch
 from conftest import ROOT, Job, launch, logged_steps, metrics, runtime, tiny_run
 from toolkit import checkpoint, config as config_lib
 from toolkit.config import UserError
-from toolkit.train import trim_metrics
+from toolkit.telemetry import trim_metrics
 
 # fp32 on CPU: the two runs differ only in summation order (two half-batch gradients averaged by
 # all-reduce vs one full batch), a few ulps per step that Adam carries forward; 1e-4 relative

@@ -30,13 +30,16 @@ def load_source(source: str, split: str = "train") -> datasets.Dataset:
         elif path.suffix in LOADERS:
             if not path.is_file():
                 raise UserError(f"data file {source} does not exist: check the path")
-            if path.suffix != ".parquet" and not path.read_bytes().strip():
+            if path.suffix != ".parquet" and not has_content(path):
                 raise UserError(f"data file {source} is empty: give a file with at least one document")
-            if path.suffix == ".jsonl":
-                check_json_lines(path)  # datasets' own error names neither the line nor the problem
             # .txt: one document per paragraph (blank-line separated), the way plain text corpora are written.
             extra = {"sample_by": "paragraph"} if path.suffix == ".txt" else {}
-            ds = datasets.load_dataset(LOADERS[path.suffix], data_files=str(path), split="train", **extra)
+            try:
+                ds = datasets.load_dataset(LOADERS[path.suffix], data_files=str(path), split="train", **extra)
+            except Exception:
+                if path.suffix == ".jsonl":
+                    check_json_lines(path)  # datasets' own error names neither the line nor the problem
+                raise
         elif path.exists():
             raise UserError(f"data {source}: unsupported file type; use one of {', '.join(LOADERS)}")
         else:
@@ -52,7 +55,14 @@ def load_source(source: str, split: str = "train") -> datasets.Dataset:
     return ds
 
 
+def has_content(path: Path) -> bool:
+    """Whether a text file holds anything but white space (read up to the first such line only)."""
+    with path.open("rb") as f:
+        return any(line.strip() for line in f)
+
+
 def check_json_lines(path: Path) -> None:
+    """Name the first line of a .jsonl file that is not a JSON object."""
     with path.open(encoding="utf-8", errors="replace") as f:
         for number, line in enumerate(f, 1):
             if not line.strip():

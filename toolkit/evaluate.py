@@ -139,12 +139,11 @@ def load_target(accelerator, target: Target, base: str | None):
     from transformers import AutoTokenizer
 
     if target.kind == "state":
+        model, tokenizer, _ = checkpoint_lib.run_model(target.path)
         sharded_here = checkpoint_lib.layout(target.path) == strategy.checkpoint_layout(accelerator) != "full"
-        if sharded_here:
-            model, tokenizer, _ = checkpoint_lib.run_model(target.path)
-            return model, tokenizer, True
-        model, tokenizer, _ = checkpoint_lib.load_model(target.path)
-        return model, tokenizer, False
+        if not sharded_here:
+            checkpoint_lib.load_weights(model, checkpoint_lib.consolidated_state_dict(target.path), target.path)
+        return model, tokenizer, sharded_here
     try:
         tokenizer = AutoTokenizer.from_pretrained(target.path)
     except (OSError, ValueError) as e:

@@ -362,9 +362,22 @@ def summary_line(s: dict) -> str:
 
 
 def read_metrics(path: Path) -> list[dict]:
+    """The records of metrics.jsonl; a last line cut short by a kill mid-write is skipped."""
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    return records
+
+
+def trim_metrics(path: Path, last_step: int) -> None:
+    """Keep the records up to `last_step`: a resumed run redoes the steps after its checkpoint."""
+    if path.exists():
+        write_text(path, "".join(json.dumps(r) + "\n" for r in read_metrics(path) if r["step"] <= last_step))
 
 
 def plot_curves(records: list[dict], path: Path) -> None:

@@ -11,13 +11,11 @@ bitsandbytes (several seconds) are imported where they are used, once the argume
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from pathlib import Path
 
 from . import config as config_lib
 from .config import RunConfig, UserError, run_cli
-from .files import write_text
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -111,7 +109,7 @@ def run(cfg: RunConfig, accelerator, stop) -> None:
                 for moved in checkpoint.set_aside_newer(resume_from, out):
                     print(f"moved {moved.name}, newer than the resumed checkpoint, to {moved.parent}")
             config_lib.save(cfg, out / "config.yaml")
-            trim_metrics(out / "metrics.jsonl", state["step"])  # steps after the checkpoint are redone
+            telemetry.trim_metrics(out / "metrics.jsonl", state["step"])  # steps after the checkpoint are redone
 
     finished = train(cfg, accelerator, model, optimizer, scheduler, train_loader, eval_loader, state, max_steps,
                      stop, resume_from)
@@ -257,21 +255,6 @@ def claim_output_dir(cfg: RunConfig):
         raise UserError(f"output_dir {out} already holds a run: continue it with resume=auto, "
                         "or choose a new output_dir")
     return lock
-
-
-def trim_metrics(path: Path, last_step: int) -> None:
-    if not path.exists():
-        return
-    records = [line for line in path.read_text().splitlines() if _step_of(line) <= last_step]
-    write_text(path, "".join(line + "\n" for line in records))
-
-
-def _step_of(line: str) -> float:
-    """A record's step; a line cut short by a kill mid-write counts as after every step (dropped)."""
-    try:
-        return json.loads(line)["step"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        return math.inf
 
 
 def _item(value) -> float | None:
