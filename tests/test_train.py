@@ -91,6 +91,18 @@ def test_export_loads_with_plain_transformers_and_equals_the_single_run(single_r
     assert torch.isfinite(loss)
 
 
+def test_the_fused_head_and_loss_train_like_transformers_loss(single_run, text_data, tmp_path):
+    """The default loop (fused LM head + loss, fused AdamW) against transformers' head and loss."""
+    launch("toolkit.train", tiny_run(text_data, tmp_path, **{"train.micro_batch_size": 4, "train.grad_accum_steps": 2,
+                                                             "train.max_steps": 12, "train.fused_loss": "false"}),
+           config=None)
+    fused, plain = metrics(single_run)[0], metrics(tmp_path)[0]
+    # The same sums in another order (chunked head matmuls, logsumexp): ~1e-7 a step, which Adam
+    # carries forward; RTOL over 12 steps is far below a wrong loss (percent).
+    assert [r["loss"] for r in fused] == pytest.approx([r["loss"] for r in plain], rel=RTOL)
+    assert runtime(single_run)["cpu_threads"] == len(os.sched_getaffinity(0))  # one process: all cores
+
+
 def test_resume_continues_exactly_after_a_real_crash(single_run, text_data, tmp_path):
     """SIGKILL a run mid-way (after its step-4 checkpoint, before the end): resume=auto redoes the
     steps after the checkpoint and reproduces the uninterrupted run's losses."""

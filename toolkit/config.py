@@ -78,6 +78,9 @@ class DataConfig:
     """Tokens per training sequence (text: packed block length; sft: maximum length)."""
     format: str = "auto"
     """auto | text (`text` field, packed) | sft (`prompt`/`response` fields, prompt masked)."""
+    packing: bool = False
+    """sft: put several examples in each `block_size` row instead of padding each to the batch's longest; each
+    example still attends only to itself and keeps its own positions (text is always packed)."""
     text_field: str = "text"
     """Column holding the documents of text data."""
     prompt_field: str = "prompt"
@@ -109,6 +112,12 @@ class TrainConfig:
     """Stop after this many optimizer steps in a row with a non-finite loss or gradient (each is skipped)."""
     collective_timeout: float = 600.0
     """Seconds a collective (all-reduce, barrier, ...) may wait for a dead or stalled rank before the job ends."""
+    fused_loss: bool = True
+    """Compute the LM head and its loss chunk by chunk, never the whole logits tensor (the same loss, less time
+    and memory); false: transformers' head and loss."""
+    cpu_threads: int = 0
+    """Threads per process on CPU; 0: this machine's cores / its processes, unless OMP_NUM_THREADS is set above 1
+    (`accelerate launch` sets it to 1 by default, which would leave cores idle)."""
 
     def global_batch_size(self, num_processes: int) -> int:
         """Sequences per optimizer step over all ranks."""

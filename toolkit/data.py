@@ -116,6 +116,9 @@ def tokenize_for_training(ds: datasets.Dataset, tokenizer, cfg: DataConfig, fmt:
     else:
         blocks = ds.map(_sft_example, batched=True, remove_columns=ds.column_names, desc="tokenize sft",
                         fn_kwargs={"tokenizer": tokenizer, "cfg": cfg})
+        if cfg.packing:
+            blocks = blocks.map(_pack_examples, batched=True, batch_size=10_000, remove_columns=blocks.column_names,
+                                fn_kwargs={"block_size": cfg.block_size}, desc="pack sft")
     if len(blocks) == 0:
         raise UserError(f"data yields no training sequences of data.block_size={cfg.block_size}: "
                         "give more text or lower data.block_size")
@@ -126,6 +129,20 @@ def _pack(batch, block_size: int):
     stream = [t for ids in batch["input_ids"] for t in ids]
     usable = len(stream) - len(stream) % block_size
     return {"input_ids": [stream[i:i + block_size] for i in range(0, usable, block_size)]}
+
+
+def _pack_examples(batch, block_size: int):
+    """Whole examples, in order, into rows of at most `block_size` tokens; `lengths` keeps where
+    each example starts, so the collator can keep them apart."""
+    rows = {"input_ids": [], "labels": [], "lengths": []}
+    for ids, labels in zip(batch["input_ids"], batch["labels"]):
+        if not rows["lengths"] or sum(rows["lengths"][-1]) + len(ids) > block_size:
+            for key in rows:
+                rows[key].append([])
+        rows["input_ids"][-1] += ids
+        rows["labels"][-1] += [IGNORE] + labels[1:]  # an example's first token is never predicted from the one before
+        rows["lengths"][-1].append(len(ids))
+    return rows
 
 
 def _sft_example(batch, tokenizer, cfg: DataConfig):
@@ -200,6 +217,8 @@ class Collator:
         self.pad_token_id = pad_token_id
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        if "lengths" in examples[0]:
+            return self.packed(examples)
         length = max(len(e["input_ids"]) for e in examples)
         batch = {"input_ids": [], "attention_mask": [], "labels": []}
         for e in examples:
@@ -211,6 +230,30 @@ class Collator:
         for key in examples[0].keys() - out.keys():  # per-example counts for evaluation (n_bytes, ...)
             out[key] = torch.tensor([e[key] for e in examples])
         return out
+
+
+    def packed(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        """Rows of packed examples: each example attends causally to itself only and its positions
+        start at 0, as if it were alone (the model takes a ready 4D mask, True = attend, and the
+        position ids). Padding attends only to its row's first token, so no attention row is empty;
+        real tokens are exactly the mask's diagonal (telemetry.count_tokens)."""
+        length = max(len(r["input_ids"]) for r in rows)
+        input_ids = torch.full((len(rows), length), self.pad_token_id)
+        labels = torch.full((len(rows), length), IGNORE)
+        position_ids = torch.zeros((len(rows), length), dtype=torch.long)
+        mask = torch.zeros((len(rows), 1, length, length), dtype=torch.bool)
+        for i, row in enumerate(rows):
+            n = len(row["input_ids"])
+            mask[i, 0, n:, 0] = True
+            input_ids[i, :n] = torch.tensor(row["input_ids"])
+            labels[i, :n] = torch.tensor(row["labels"])
+            start = 0
+            for example_length in row["lengths"]:
+                end = start + example_length
+                position_ids[i, start:end] = torch.arange(example_length)
+                mask[i, 0, start:end, start:end] = torch.ones(example_length, example_length, dtype=torch.bool).tril()
+                start = end
+        return {"input_ids": input_ids, "attention_mask": mask, "position_ids": position_ids, "labels": labels}
 
 
 def train_dataloader(ds: datasets.Dataset, micro_batch_size: int, pad_token_id: int) -> DataLoader:

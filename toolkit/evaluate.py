@@ -129,6 +129,7 @@ def eval_accelerator(targets: list[Target], args):
         cfg, train=dataclasses.replace(cfg.train, micro_batch_size=args.batch_size, grad_accum_steps=1,
                                        report_to="none"),
         output_dir=str(first.run_dir or "."))
+    strategy.use_cpu_share()  # this launch's share of the cores, as in training
     return strategy.make_accelerator(cfg)
 
 

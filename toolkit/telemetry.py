@@ -217,6 +217,8 @@ def count_tokens(batch: dict) -> tuple[torch.Tensor, int]:
     The real count stays a tensor on the batch's device: counting never waits for the GPU."""
     ids = batch["input_ids"]
     mask = batch.get("attention_mask")
+    if mask is not None and mask.ndim == 4:  # packed rows (data.Collator.packed): real tokens attend to themselves
+        mask = mask.diagonal(dim1=-2, dim2=-1)
     real = mask.sum() if mask is not None else torch.tensor(ids.numel(), device=ids.device)
     return real, ids.numel()
 

@@ -57,10 +57,12 @@ def run(cfg: RunConfig, accelerator, stop) -> None:
     from accelerate.utils import set_seed
 
     from . import checkpoint, data, job, strategy, telemetry
+    from .loss import fuse_head_and_loss
     from .model import apply_lora, build_model, build_tokenizer, model_config
     from .optim import build_optimizer, build_scheduler
 
     out = Path(cfg.output_dir)
+    threads = strategy.use_cpu_share(cfg.train.cpu_threads)
     state = {"step": 0, "epoch": 0, "batch": 0, "tokens": 0}
     resume_from = checkpoint.find_resume(cfg.resume, out)
     if resume_from is not None:  # refuse a checkpoint that would train something else before any work
@@ -80,6 +82,8 @@ def run(cfg: RunConfig, accelerator, stop) -> None:
 
     with job.stop_together(accelerator):
         model = build_model(cfg.model, tokenizer)  # all ranks at once: under ZeRO-3 building is collective
+        if cfg.train.fused_loss:
+            model = fuse_head_and_loss(model)
         if cfg.lora.enabled:
             model = apply_lora(model, cfg.lora)
     checkpointing = None
@@ -94,7 +98,7 @@ def run(cfg: RunConfig, accelerator, stop) -> None:
     model, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(
         model, optimizer, train_loader, eval_loader, scheduler)
     cfg.runtime = strategy.verify(accelerator, model, optimizer, cfg)  # stop here if not what was asked
-    cfg.runtime.update(max_steps=max_steps, data_format=fmt, activation_checkpointing=checkpointing,
+    cfg.runtime.update(**threads, max_steps=max_steps, data_format=fmt, activation_checkpointing=checkpointing,
                        trainable_params=strategy.trainable_numel(model))
     # What MFU is computed from: the model's FLOPs per token and this device's peak.
     cfg.runtime.update(**telemetry.model_flops(accelerator.unwrap_model(model)),

@@ -1,0 +1,110 @@
+"""What the training step does to be fast, each held to computing the same thing: the fused LM
+head + loss, packed SFT rows, and the CPU thread share. (Its speed is measured in benchmarks/.)"""
+
+import copy
+
+import pytest
+import torch
+from transformers import OPTConfig, OPTForCausalLM
+
+from toolkit import loss as loss_lib, strategy
+from toolkit.data import IGNORE, Collator, _pack_examples
+from toolkit.model import PRESETS
+from toolkit.telemetry import count_tokens
+
+
+def tiny_model() -> OPTForCausalLM:
+    torch.manual_seed(0)
+    return OPTForCausalLM(OPTConfig(**PRESETS["tiny-opt"]))
+
+
+def batch_with_ignored_labels() -> dict:
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(4, 2048, (4, 48), generator=generator)
+    labels = ids.clone()
+    labels[:, :11] = IGNORE  # a masked prompt
+    labels[1, 30:] = IGNORE  # and padding
+    return {"input_ids": ids, "labels": labels}
+
+
+@pytest.mark.parametrize("chunk_bytes", [loss_lib.CHUNK_BYTES, 3 * 2048 * 4])  # one chunk; 3 tokens a chunk
+def test_fused_loss_equals_transformers_loss_and_gradients(chunk_bytes, monkeypatch):
+    monkeypatch.setattr(loss_lib, "CHUNK_BYTES", chunk_bytes)
+    plain = tiny_model()
+    fused = loss_lib.fuse_head_and_loss(copy.deepcopy(plain))
+    assert fused.lm_head.weight is fused.model.decoder.embed_tokens.weight  # still tied
+    batch = batch_with_ignored_labels()
+    losses = []
+    for model in (plain, fused):
+        loss = model(**batch, num_items_in_batch=torch.tensor(100)).loss
+        loss.backward()
+        losses.append(loss.item())
+    # fp32: the same sums in another order (chunked matmuls, logsumexp vs log_softmax): ~1e-7.
+    assert losses[1] == pytest.approx(losses[0], rel=1e-6)
+    for (name, p), q in zip(plain.named_parameters(), fused.parameters()):
+        scale = p.grad.abs().max().clamp(min=1e-3)  # k_proj's bias has a zero gradient in exact arithmetic
+        assert (p.grad - q.grad).abs().max() <= 1e-5 * scale, name
+
+
+def test_fused_loss_under_bf16_autocast_computes_the_head_in_bf16():
+    plain = tiny_model()
+    fused = loss_lib.fuse_head_and_loss(copy.deepcopy(plain))
+    batch = batch_with_ignored_labels()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        reference, ours = plain(**batch).loss, fused(**batch).loss
+    ours.backward()
+    # Both compute the head's matmul in bf16 (8 bits of mantissa) and the softmax in fp32: they
+    # agree to bf16 rounding of the logits, not to fp32; an fp32 head would differ by as much.
+    assert ours.item() == pytest.approx(reference.item(), rel=2e-3)
+    assert fused.lm_head.weight.grad.dtype == torch.float32
+
+
+def test_evaluation_and_generation_keep_the_logits():
+    fused = loss_lib.fuse_head_and_loss(tiny_model())
+    batch = batch_with_ignored_labels()
+    with torch.no_grad():
+        out = fused(**batch)
+    assert out.logits.shape == (4, 48, 2048)
+    assert fused.generate(batch["input_ids"][:1, :5], max_new_tokens=3, do_sample=False).shape == (1, 8)
+
+
+def test_packed_sft_rows_score_each_example_as_if_it_were_alone():
+    examples = [([2, 5, 6, 7, 8], [IGNORE, IGNORE, 6, 7, 8]), ([2, 9, 10, 11], [IGNORE, IGNORE, 10, 11]),
+                ([2, 12, 13, 14, 15, 16], [IGNORE, 12, 13, 14, 15, 16])]
+    rows = _pack_examples({"input_ids": [e[0] for e in examples], "labels": [e[1] for e in examples]}, block_size=12)
+    assert rows["lengths"] == [[5, 4], [6]]  # whole examples, in order, at most 12 tokens a row
+    packed = Collator(pad_token_id=1)([{k: rows[k][i] for k in rows} for i in range(2)])
+    alone = Collator(pad_token_id=1)([{"input_ids": ids, "labels": labels} for ids, labels in examples])
+    model = tiny_model()
+
+    def token_nlls(batch):
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        logits = model(**inputs).logits[:, :-1]
+        targets = batch["labels"][:, 1:]
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets.clamp(min=0), reduction="none")
+        return nll[targets != IGNORE]
+
+    with torch.no_grad():
+        torch.testing.assert_close(token_nlls(packed), token_nlls(alone), rtol=1e-5, atol=1e-5)
+    # Telemetry counts the real tokens of packed rows (the padding is not throughput).
+    assert int(count_tokens(packed)[0]) == int(count_tokens(alone)[0]) == 15
+
+
+@pytest.mark.parametrize("env, asked, expected", [
+    ({"OMP_NUM_THREADS": "1", "LOCAL_WORLD_SIZE": "1"}, 0, (4, "cores / local processes")),  # accelerate's default
+    ({"OMP_NUM_THREADS": "1", "LOCAL_WORLD_SIZE": "2"}, 0, (2, "cores / local processes")),
+    ({"OMP_NUM_THREADS": "3", "LOCAL_WORLD_SIZE": "2"}, 0, (3, "OMP_NUM_THREADS")),  # set on purpose
+    ({"OMP_NUM_THREADS": "1", "LOCAL_WORLD_SIZE": "2"}, 1, (1, "train.cpu_threads")),
+])
+def test_each_process_computes_with_its_share_of_the_cores(env, asked, expected, monkeypatch):
+    monkeypatch.setattr(strategy.os, "sched_getaffinity", lambda pid: set(range(4)))  # a 4-core machine
+    monkeypatch.setattr(strategy.torch.cuda, "is_available", lambda: False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    before = torch.get_num_threads()
+    try:
+        runtime = strategy.use_cpu_share(asked)
+        assert (runtime["cpu_threads"], runtime["cpu_threads_from"]) == expected
+        assert torch.get_num_threads() == expected[0]
+    finally:
+        torch.set_num_threads(before)

@@ -1,0 +1,104 @@
+"""The language-model head and its loss in one pass, without the logits tensor.
+
+OPT's forward computes fp32 logits for every position (tokens x 50272: 206 MB at micro batch
+8 x 128) and autograd keeps them, their log-softmax and their gradient, each written and read
+again; on CPU those passes over memory cost as much as the head's matmuls. Here the head's
+matmul, log-softmax and gradient are computed chunk by chunk during the forward pass (the
+gradient of a sum of NLLs w.r.t. the logits is softmax - one_hot, known once the logits are),
+so only the gradients of the hidden states and of the head weight are kept for backward. Only
+positions that are scored are computed at all: SFT prompts and padding cost nothing.
+Same loss as transformers' (sum of NLLs over the shifted labels / `num_items_in_batch`).
+
+torch has no such fused op and transformers no hook for one (its loss functions take logits),
+hence this module; Liger-Kernel's fused linear cross-entropy is the same idea for GPUs.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+import torch.nn.functional as F
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+IGNORE = -100  # labels the loss skips (transformers' and torch's ignore_index)
+CHUNK_BYTES = 32 * 2**20  # fp32 logits per chunk: small enough to stay near the cache, large for matmuls
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """sum_i -log softmax(hidden_i @ weight.T)[target_i], gradients computed in forward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, compute_dtype):
+        w, h = weight.to(compute_dtype), hidden.to(compute_dtype)
+        n, vocab = h.shape[0], w.shape[0]
+        grad_hidden = torch.empty_like(h)
+        # The weight's gradient sums over chunks: in fp32 (as the head's fp32 master weight keeps it).
+        grad_weight = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
+        loss = torch.zeros((), dtype=torch.float32, device=w.device)
+        chunk = max(1, CHUNK_BYTES // (4 * vocab))
+        for start in range(0, n, chunk):
+            h_c, t_c = h[start:start + chunk], targets[start:start + chunk]
+            logits = (h_c @ w.t()).float()
+            lse = torch.logsumexp(logits, dim=1)
+            loss += (lse - logits.gather(1, t_c[:, None]).squeeze(1)).sum()
+            grad_logits = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+            grad_logits[torch.arange(len(t_c), device=t_c.device), t_c] -= 1
+            grad_logits = grad_logits.to(compute_dtype)
+            grad_hidden[start:start + chunk] = grad_logits @ w
+            if compute_dtype == torch.float32:
+                grad_weight.addmm_(grad_logits.t(), h_c)
+            else:
+                grad_weight += grad_logits.t() @ h_c
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.dtypes = hidden.dtype, weight.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        hidden_dtype, weight_dtype = ctx.dtypes
+        return (grad_hidden.mul_(grad_loss).to(hidden_dtype), grad_weight.mul_(grad_loss).to(weight_dtype),
+                None, None)
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum of the NLLs of `labels` shifted by one (position t predicts labels[t+1]), skipping IGNORE,
+    for hidden states [batch, seq, dim] and a head weight [vocab, dim], in the compute dtype that
+    autocast (if on) would give the head's matmul."""
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE).reshape(-1)
+    scored = (targets != IGNORE).nonzero().squeeze(1)
+    hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, scored)
+    device = hidden.device.type
+    compute_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+    with torch.autocast(device, enabled=False):  # the dtypes are chosen above, explicitly
+        return LinearCrossEntropy.apply(hidden, weight, targets[scored], compute_dtype)
+
+
+def fuse_head_and_loss(model):
+    """Make `model` (an OPTForCausalLM) compute its training loss with `linear_cross_entropy`.
+
+    Only forwards with labels and gradients change; evaluation and generation keep transformers'
+    forward and its logits. The loss goes through `lm_head`'s own call so that ZeRO-3 and FSDP,
+    which gather a module's weights around its forward, gather the head's (tied) weight too."""
+    transformers_forward = model.forward
+
+    def head_forward(head, hidden, labels=None):
+        if labels is None:
+            return F.linear(hidden, head.weight)
+        return linear_cross_entropy(hidden, head.weight, labels)
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, num_items_in_batch=None, **kwargs):
+        if labels is None or not torch.is_grad_enabled():
+            return transformers_forward(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
+                                        num_items_in_batch=num_items_in_batch, **kwargs)
+        kwargs["use_cache"] = False  # training keeps no key/value cache
+        hidden = self.model.decoder(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
+        loss = self.lm_head(hidden, labels=labels)
+        if num_items_in_batch is None:
+            num_items_in_batch = (labels[:, 1:] != IGNORE).sum()
+        return CausalLMOutputWithPast(loss=loss / num_items_in_batch)
+
+    model.lm_head.forward = types.MethodType(head_forward, model.lm_head)
+    model.forward = types.MethodType(forward, model)
+    return model
