@@ -88,3 +88,23 @@ def test_bad_input_under_two_processes_is_one_line_and_changes_nothing(text_data
     assert not failures, "\n\n".join(failures)
     assert snapshot(existing_run) == before
     assert not (existing_run / ".lock").exists()
+
+
+def test_a_silent_rank_leaves_the_error_line_to_the_main_process(monkeypatch, capsys):
+    """A config error is found by every rank at once; if a non-main rank exited first, the launcher
+    would kill the main process before it printed the job's error line. So the non-main rank waits
+    (the launcher ends it) and speaks for itself only if nobody did."""
+    import time
+
+    from toolkit import config as config_lib
+
+    def bad_config():
+        raise config_lib.UserError("train.max_steps must be int, got 'many'")
+
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setattr(config_lib, "SPEAKER_GRACE_SECONDS", 0.5)
+    start = time.perf_counter()
+    with pytest.raises(SystemExit) as exit_:
+        config_lib.run_cli(bad_config)
+    assert exit_.value.code == 2 and time.perf_counter() - start >= 0.5
+    assert capsys.readouterr().err == "error: rank 1: train.max_steps must be int, got 'many'\n"

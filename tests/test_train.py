@@ -84,11 +84,23 @@ def test_export_loads_with_plain_transformers_and_equals_the_single_run(single_r
     models = [AutoModelForCausalLM.from_pretrained(run / "final") for run in (single_run, ddp_resumed_run)]
     tokenizer = AutoTokenizer.from_pretrained(ddp_resumed_run / "final")
     assert (ddp_resumed_run / "final" / "model.safetensors").is_file()
-    for (name, a), b in zip(models[0].state_dict().items(), models[1].state_dict().values()):
-        torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-5, msg=name)
-    ids = tokenizer("The module provides", return_tensors="pt")
-    loss = models[1](**ids, labels=ids["input_ids"]).loss
-    assert torch.isfinite(loss)
+    single, ddp = (m.state_dict() for m in models)
+    assert {k: (v.shape, v.dtype) for k, v in ddp.items()} == {k: (v.shape, v.dtype) for k, v in single.items()}
+    for name, a in single.items():
+        if name.endswith("k_proj.bias"):
+            # A key bias adds the same score to every key of a query: softmax cancels it, so its
+            # gradient is zero but for rounding, which Adam's normalised step turns into moves of
+            # up to lr. Its values are noise of the summation order (the two runs differ there).
+            assert ddp[name].abs().max() <= 12 * 1e-3, name  # 12 steps at lr 1e-3, from zero
+            continue
+        # Summation order (two half-batch gradients all-reduced vs one batch, other thread
+        # counts) differs by ulps that Adam carries over 12 steps; measured 8e-4 at most, on
+        # weights of dying ReLU units. A wrong export (untrained or shuffled weights) is off by O(1).
+        assert (ddp[name] - a).norm() <= 5e-3 * a.norm(), name
+    ids = tokenizer("The module provides functions for working with files. Return the value", return_tensors="pt")
+    logits = [m(**ids).logits for m in models]
+    torch.testing.assert_close(logits[1], logits[0], rtol=1e-3, atol=1e-3)  # measured 1.7e-4 at most
+    assert torch.isfinite(models[1](**ids, labels=ids["input_ids"]).loss)
 
 
 def test_the_fused_head_and_loss_train_like_transformers_loss(single_run, text_data, tmp_path):

@@ -11,8 +11,10 @@ import ast
 import dataclasses
 import difflib
 import os
+import signal
 import sys
 import textwrap
+import time
 import types
 import typing
 from dataclasses import dataclass, field
@@ -37,8 +39,11 @@ def run_cli(main) -> None:
     except UserError as e:
         if int(os.environ.get("RANK", "0")) == 0 or getattr(e, "print_here", False):
             print(f"error: {e}", file=sys.stderr)
+        else:
+            let_the_speaker_exit_first(e)
         raise SystemExit(2) from None
     except PeerStopped:
+        let_the_speaker_exit_first(None)
         raise SystemExit(2) from None
     except RuntimeError as e:
         # torch.distributed's errors when a peer died or stalled past train.collective_timeout
@@ -48,6 +53,23 @@ def run_cli(main) -> None:
               f"past train.collective_timeout ({str(e).strip().splitlines()[-1][:200]}): see that rank's output "
               "above; resume=auto continues from the last checkpoint", file=sys.stderr)
         raise SystemExit(3) from None
+
+
+SPEAKER_GRACE_SECONDS = 10.0
+
+
+def let_the_speaker_exit_first(error: UserError | None) -> None:
+    """On a rank that fails silently while another prints the job's error line: wait before exiting.
+
+    torch's launcher ends every worker as soon as one exits non-zero; a silent rank that exits
+    first (a config error is found by every rank within milliseconds) gets the speaker killed
+    before it prints. The launcher's SIGTERM ends this wait (the default action, not the
+    toolkit's checkpoint-on-SIGTERM handler). If nobody ended it, the error was this rank's own
+    (a file missing on this machine only): say so here."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    time.sleep(SPEAKER_GRACE_SECONDS)
+    if error is not None:
+        print(f"error: rank {os.environ.get('RANK')}: {error}", file=sys.stderr)
 
 
 @dataclass
