@@ -83,6 +83,15 @@ def keep_freed_memory() -> bool:
     return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
 
 
+def release_freed_memory() -> None:
+    """Give back what building, loading and sharding freed (a whole model's worth under ZeRO-3),
+    before the loop, whose own working set the heap then keeps (keep_freed_memory)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def make_accelerator(cfg: RunConfig) -> Accelerator:
     requested = Requested.from_env()
     on_cpu = not torch.cuda.is_available()

@@ -300,9 +300,10 @@ class Telemetry:
     def log(self, record: dict) -> None:
         if not self.is_main:
             return
+        record = {**record, "time": round(time.time(), 3)}  # wall clock, when it was logged
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
-        self.accelerator.log({k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))},
+        self.accelerator.log({k: v for k, v in record.items() if k not in ("step", "time") and isinstance(v, (int, float))},
                              step=record["step"])
         if "loss" in record:
             self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", refresh=False)

@@ -115,6 +115,8 @@ def run(cfg: RunConfig, accelerator, stop) -> None:
             config_lib.save(cfg, out / "config.yaml")
             telemetry.trim_metrics(out / "metrics.jsonl", state["step"])  # steps after the checkpoint are redone
 
+    if threads:
+        strategy.release_freed_memory()
     finished = train(cfg, accelerator, model, optimizer, scheduler, train_loader, eval_loader, state, max_steps,
                      stop, resume_from)
     if finished:

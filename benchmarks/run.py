@@ -1,0 +1,329 @@
+"""The toolkit against its peers, on this machine, in one run.
+
+    python benchmarks/run.py --quick --json results.json     # about 10 minutes on 2 CPU cores
+    python benchmarks/run.py --json results.json --results benchmarks/RESULTS.md   # the full run
+
+Peers run the identical job (random-opt-125m shapes, the same text and tokenizer, block 128,
+global batch, fp32, seed, process count and threads per process, all under `accelerate launch`):
+- reference: benchmarks/peers/reference_loop.py, a plain Accelerate loop as in transformers'
+  run_clm_no_trainer.py;
+- trainer: benchmarks/peers/trainer_loop.py, transformers.Trainer with its defaults.
+Throughput is tokens per second of the steady state: the wall time between the end of the
+warm-up steps and the end of the last step, from each program's own step-end times. Programs
+run in turns (toolkit, reference, trainer, toolkit, ...) and each ratio is the median of the
+per-turn ratios, so drift of the machine (other load, heat) cancels.
+
+JSON keys (toolkit / peer unless said): throughput_vs_reference and throughput_vs_trainer (the
+worse of 1 and 2 processes; both are under "detail"), mfu_vs_matmul_peak (model FLOPs/s of the
+1-process toolkit run over the best fp32 matmul rate measured in this run with the same threads),
+packing_useful_tokens_speedup (non-pad tokens/s of packed over padded SFT batches),
+zero3_state_memory_vs_ddp (resident bytes of parameters + gradients + optimizer state per rank,
+benchmarks/state_memory.py, 2 ranks), adam8bit_state_vs_adamw (bytes of optimizer state).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+PRESET = "random-opt-125m"
+MODES = {  # micro batch per process is global / processes; steps include `warmup`
+    "quick": dict(global_batch=4, steps=4, warmup=1, rounds=2, configs=False),
+    "full": dict(global_batch=8, steps=6, warmup=2, rounds=4, configs=True),
+}
+
+
+def cores() -> int:
+    return len(os.sched_getaffinity(0))
+
+
+class Bench:
+    def __init__(self, mode: str, work: Path):
+        self.mode, self.work = MODES[mode], work
+        self.logs = work / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.runs = 0
+
+    # --- the job -----------------------------------------------------------------------------
+    def prepare(self) -> None:
+        """Text, its tokenizer (trained once, used by every program), SFT data, model shapes."""
+        from toolkit.demo_data import sft_tasks, stdlib_docs
+        from toolkit.model import PRESETS, train_bpe_tokenizer
+
+        docs = [d for _, d in zip(range(3000), stdlib_docs())]
+        self.text = self.work / "text.jsonl"
+        self.text.write_text("".join(json.dumps(d) + "\n" for d in docs))
+        self.sft = self.work / "sft.jsonl"
+        self.sft.write_text("".join(json.dumps(d) + "\n" for d in sft_tasks(n=3000, seed=0)))
+        self.tokenizer = self.work / "tokenizer"
+        tokenizer = train_bpe_tokenizer((d["text"] for d in docs), vocab_size=PRESETS[PRESET]["vocab_size"])
+        tokenizer.save_pretrained(self.tokenizer)
+        self.model_config = self.work / "model_config.json"
+        self.model_config.write_text(json.dumps(dict(
+            PRESETS[PRESET], pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id)))
+
+    def launch(self, config: str, program: list[str], processes: int, name: str) -> None:
+        """`accelerate launch` with the same threads per process for every program."""
+        self.runs += 1
+        log = self.logs / f"{self.runs:03d}-{name}.log"
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(ROOT / "accelerate_configs" / f"{config}.yaml"), "--num_processes", str(processes),
+               "--mixed_precision", "no", "--num_cpu_threads_per_process", str(max(1, cores() // processes)),
+               *program]
+        env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+                   PYTHONPATH=str(ROOT))
+        with log.open("w") as out:
+            proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+        if proc.returncode:
+            raise SystemExit(f"{name} failed ({proc.returncode}): see {log}")
+
+    def toolkit_args(self, out: Path, processes: int, **overrides) -> list[str]:
+        m = self.mode
+        args = {"model.name_or_path": PRESET, "data.train": self.text, "data.block_size": 128,
+                "data.eval_fraction": 0.01, "train.micro_batch_size": m["global_batch"] // processes,
+                "train.grad_accum_steps": 1, "train.max_steps": m["steps"], "train.seed": 42, "optim.lr": 3e-4,
+                "optim.scheduler": "linear", "optim.warmup_steps": 0, "optim.max_grad_norm": 1.0,
+                "eval.max_batches": 1, "checkpoint.every": 0, "train.report_to": "none", "output_dir": out}
+        args.update(overrides)
+        shutil.rmtree(out, ignore_errors=True)
+        (out / "tokenizer").parent.mkdir(parents=True)
+        shutil.copytree(self.tokenizer, out / "tokenizer")  # the same tokenizer as the peers'
+        return [f"{k}={v}" for k, v in args.items()]
+
+    def toolkit(self, processes: int, config: str | None = None, **overrides) -> dict:
+        out = self.work / "toolkit"
+        args = self.toolkit_args(out, processes, **overrides)
+        config = config or ("single" if processes == 1 else "ddp")
+        self.launch(config, ["-m", "toolkit.train", *args], processes, f"toolkit-{config}-{processes}")
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        steps = [r for r in records if "loss" in r]
+        warm = self.mode["warmup"]
+        seconds = steps[-1]["time"] - steps[warm - 1]["time"]
+        tokens = sum(r["input_tokens"] for r in steps[warm:])
+        import yaml
+        runtime = yaml.safe_load((out / "config.yaml").read_text())["runtime"]
+        return {"tokens_per_s": tokens / seconds, "runtime": runtime, "losses": [r["loss"] for r in steps]}
+
+    def peer(self, name: str, processes: int) -> dict:
+        result = self.work / f"{name}.json"
+        m = self.mode
+        program = [str(ROOT / "benchmarks" / "peers" / f"{name}_loop.py"), "--model_config", str(self.model_config),
+                   "--tokenizer", str(self.tokenizer), "--data", str(self.text), "--block_size", "128",
+                   "--micro_batch_size", str(m["global_batch"] // processes), "--max_steps", str(m["steps"]),
+                   "--lr", "3e-4", "--seed", "42", "--result", str(result)]
+        self.launch("single" if processes == 1 else "ddp", program, processes, f"{name}-{processes}")
+        r = json.loads(result.read_text())
+        times, warm = r["step_end_times"], m["warmup"]
+        if r["world_size"] != processes:
+            raise SystemExit(f"{name} ran on {r['world_size']} processes, not {processes}")
+        return {"tokens_per_s": r["tokens_per_step"] * (len(times) - warm) / (times[-1] - times[warm - 1])}
+
+    # --- the measurements ----------------------------------------------------------------------
+    def throughput(self) -> dict:
+        out = {}
+        for processes in (1, 2):
+            turns = []
+            for _ in range(self.mode["rounds"]):
+                turns.append({"toolkit": self.toolkit(processes), "reference": self.peer("reference", processes),
+                              "trainer": self.peer("trainer", processes)})
+            out[processes] = {
+                "tokens_per_s": {k: statistics.median(t[k]["tokens_per_s"] for t in turns) for k in turns[0]},
+                "vs_reference": median_ratio(turns, "toolkit", "reference"),
+                "vs_trainer": median_ratio(turns, "toolkit", "trainer"),
+                "runtime": turns[0]["toolkit"]["runtime"]}
+        return out
+
+    def mfu(self, one_process: dict) -> dict:
+        import torch
+
+        from toolkit.telemetry import matmul_tflops
+
+        torch.set_num_threads(cores())
+        peak = matmul_tflops(torch.device("cpu"), n=2048, seconds=5.0) * 1e12
+        rt = one_process["runtime"]
+        flops_per_token = rt["flops_per_token"] + rt["attention_flops_per_token_per_position"] * 128
+        achieved = one_process["tokens_per_s"]["toolkit"] * flops_per_token
+        return {"achieved_tflops": achieved / 1e12, "matmul_peak_tflops": peak / 1e12, "ratio": achieved / peak}
+
+    def packing(self) -> dict:
+        turns = []
+        for _ in range(self.mode["rounds"]):
+            turns.append({packed: self.toolkit(1, **{"data.train": self.sft, "data.packing": packed})
+                          for packed in ("false", "true")})
+        return {"tokens_per_s": {k: statistics.median(t[k]["tokens_per_s"] for t in turns) for k in ("false", "true")},
+                "ratio": median_ratio(turns, "true", "false")}
+
+    def state_memory(self) -> dict:
+        held = {}
+        for config in ("ddp", "zero3"):
+            out = self.work / "state-memory"
+            result = self.work / f"state-{config}"
+            args = self.toolkit_args(out, 2, **{"train.max_steps": 3, "train.micro_batch_size": 1})
+            self.launch(config, [str(ROOT / "benchmarks" / "state_memory.py"), "--result", str(result), "--", *args],
+                        2, f"state-memory-{config}")
+            held[config] = max(json.loads(Path(f"{result}.rank{r}").read_text())["states"] for r in (0, 1))
+        return {"bytes_per_rank": held, "ratio": held["zero3"] / held["ddp"]}
+
+    def adam8bit(self) -> dict:
+        """Optimizer state bytes after one step, AdamW vs 8-bit AdamW, on the real shapes."""
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+        import torch
+        from memory import build
+
+        from toolkit.config import OptimConfig
+        from toolkit.optim import build_optimizer
+        from toolkit.strategy import optimizer_state_size
+
+        state = {}
+        ids = torch.randint(4, 50000, (1, 32))
+        for name in ("adamw", "adamw_8bit"):
+            model = build(PRESET)
+            optimizer = build_optimizer(model, OptimConfig(name=name))
+            model(input_ids=ids, labels=ids).loss.backward()
+            optimizer.step()
+            state[name] = optimizer_state_size(optimizer)[1]
+            del model, optimizer
+        return {"bytes": state, "ratio": state["adamw_8bit"] / state["adamw"]}
+
+    def checkpoint(self) -> dict:
+        """accelerate's save_state / load_state (what toolkit.checkpoint wraps) of random-opt-125m with
+        its AdamW state, in this process: seconds per GB written and read."""
+        import torch
+        from accelerate import Accelerator
+
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+        from memory import build
+
+        from toolkit.config import OptimConfig
+        from toolkit.optim import build_optimizer
+
+        accelerator = Accelerator(cpu=True)
+        model = build(PRESET)
+        optimizer = build_optimizer(model, OptimConfig())
+        model, optimizer = accelerator.prepare(model, optimizer)
+        ids = torch.randint(4, 50000, (1, 32))
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        path = self.work / "checkpoint"
+        start = time.perf_counter()
+        accelerator.save_state(path)
+        saved = time.perf_counter() - start
+        gb = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 1e9
+        start = time.perf_counter()
+        accelerator.load_state(path)
+        loaded = time.perf_counter() - start
+        shutil.rmtree(path)
+        return {"GB": gb, "save_s_per_GB": saved / gb, "load_s_per_GB": loaded / gb}
+
+    def preprocessing(self) -> dict:
+        """toolkit.data on the benchmark's text: tokens/s the first time, and the second run (the
+        datasets cache of every map)."""
+        from transformers import AutoTokenizer
+
+        from toolkit import data
+        from toolkit.config import DataConfig
+
+        source = self.work / f"preprocess-{time.time_ns()}.jsonl"  # a new file: nothing cached yet
+        shutil.copy(self.text, source)
+        cfg = DataConfig(train=str(source), block_size=128)
+        tokenizer = AutoTokenizer.from_pretrained(self.tokenizer)
+        seconds = []
+        for _ in range(2):
+            start = time.perf_counter()
+            raw, _ = data.load_raw(cfg, 42)
+            blocks = data.tokenize_for_training(raw, tokenizer, cfg, "text")
+            seconds.append(time.perf_counter() - start)
+        tokens = len(blocks) * 128
+        return {"tokens": tokens, "first_tokens_per_s": tokens / seconds[0], "second_run_s": seconds[1],
+                "first_run_s": seconds[0]}
+
+    def activation_checkpointing(self) -> dict:
+        """Bytes autograd saves for backward in one forward, micro batch 8 x 128, with and without."""
+        import torch
+
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+        from memory import build, saved_activation_bytes
+
+        ids = torch.randint(4, 50000, (8, 128))
+        saved = {}
+        for on in (False, True):
+            model = build(PRESET)
+            if on:
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            saved[on] = saved_activation_bytes(model, ids)
+        return {"plain_MiB": saved[False] / 2**20, "checkpointed_MiB": saved[True] / 2**20,
+                "ratio": saved[True] / saved[False]}
+
+    def strategies(self) -> dict:
+        """tokens/s of every accelerate config relative to DDP, 2 processes, the same job."""
+        configs = sorted(p.stem for p in (ROOT / "accelerate_configs").glob("*.yaml") if p.stem != "single")
+        configs = [c for c in configs if c not in ("hsdp",)]  # 4 processes: benchmarks/scaling.py
+        rates = {c: self.toolkit(2, config=c)["tokens_per_s"] for c in configs}
+        return {c: {"tokens_per_s": r, "vs_ddp": r / rates["ddp"]} for c, r in rates.items()}
+
+
+def median_ratio(turns: list[dict], ours: str, theirs: str) -> float:
+    return statistics.median(t[ours]["tokens_per_s"] / t[theirs]["tokens_per_s"] for t in turns)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer, shorter turns: a few minutes")
+    parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--results", type=Path, help="markdown file whose speed section is rewritten (RESULTS.md)")
+    parser.add_argument("--work", type=Path, help="scratch directory (default: a temporary one)")
+    args = parser.parse_args(argv)
+    mode = "quick" if args.quick else "full"
+    work = args.work or Path(tempfile.mkdtemp(prefix="toolkit-bench-"))
+    bench = Bench(mode, work)
+    started = time.time()
+    bench.prepare()
+    throughput = bench.throughput()
+    detail = {"throughput": throughput, "mfu": bench.mfu(throughput[1]), "packing": bench.packing(),
+              "state_memory": bench.state_memory(), "adam8bit": bench.adam8bit()}
+    if MODES[mode]["configs"]:
+        detail.update(strategies=bench.strategies(), checkpoint=bench.checkpoint(),
+                      preprocessing=bench.preprocessing(), activation_checkpointing=bench.activation_checkpointing())
+    results = {
+        "throughput_vs_reference": min(t["vs_reference"] for t in throughput.values()),
+        "throughput_vs_trainer": min(t["vs_trainer"] for t in throughput.values()),
+        "mfu_vs_matmul_peak": detail["mfu"]["ratio"],
+        "packing_useful_tokens_speedup": detail["packing"]["ratio"],
+        "zero3_state_memory_vs_ddp": detail["state_memory"]["ratio"],
+        "adam8bit_state_vs_adamw": detail["adam8bit"]["ratio"],
+        "mode": mode, "machine": machine(), "seconds": round(time.time() - started), "detail": detail,
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+    }
+    text = json.dumps(results, indent=2, default=str)
+    print(text)
+    if args.json:
+        args.json.write_text(text + "\n")
+    if args.results:
+        from report import write_speed_section
+        write_speed_section(results, args.results)
+
+
+def machine() -> str:
+    import platform
+
+    import torch
+    import transformers
+
+    return (f"{cores()} CPU cores ({platform.processor() or platform.machine()}), "
+            f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}, "
+            f"torch {torch.__version__}, transformers {transformers.__version__}")
+
+
+if __name__ == "__main__":
+    main()
