@@ -80,6 +80,12 @@ def test_reduced_precision_really_runs(config, precision, fp32_runs, text_data, 
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-2), a["step"]
     if precision == "fp16":
         assert all(r["loss_scale"] > 1 for r in ours)  # dynamic loss scaling is on
+    # final/ holds the fp32 master weights under every strategy (DeepSpeed trains a bf16 copy of
+    # the model; saving that would make every value bf16-representable), named as in fp32 runs
+    exported, fp32_export = (load_file(run / "final" / "model.safetensors") for run in (tmp_path, fp32_runs["ddp"]))
+    assert {k: v.dtype for k, v in exported.items()} == {k: v.dtype for k, v in fp32_export.items()}
+    weight = exported["model.decoder.layers.0.fc1.weight"]
+    assert weight.dtype == torch.float32 and (weight != weight.to(torch.bfloat16).float()).any()
 
 
 def test_fp16_on_cpu_skips_an_overflowing_step_and_leaves_weights_untouched():

@@ -11,6 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from conftest import ROOT, Job, launch, logged_steps, metrics, runtime, tiny_run
 from toolkit import checkpoint, config as config_lib
@@ -101,6 +102,23 @@ def test_export_loads_with_plain_transformers_and_equals_the_single_run(single_r
     logits = [m(**ids).logits for m in models]
     torch.testing.assert_close(logits[1], logits[0], rtol=1e-3, atol=1e-3)  # measured 1.7e-4 at most
     assert torch.isfinite(models[1](**ids, labels=ids["input_ids"]).loss)
+
+
+def test_a_16_bit_export_is_the_fp32_one_rounded_at_half_the_size(single_run, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from toolkit import export
+
+    step = single_run / "checkpoints" / "step-000012"
+    export.main(["--checkpoint", str(step), "--out", str(tmp_path / "bf16"), "--dtype", "bf16"])
+    fp32, bf16 = (load_file(d / "model.safetensors") for d in (single_run / "final", tmp_path / "bf16"))
+    assert set(bf16) == set(fp32) and {v.dtype for v in bf16.values()} == {torch.bfloat16}
+    for key, value in fp32.items():
+        assert torch.equal(bf16[key], value.to(torch.bfloat16)), key
+    size = [(d / "model.safetensors").stat().st_size for d in (single_run / "final", tmp_path / "bf16")]
+    assert size[1] == pytest.approx(size[0] / 2, rel=0.01)
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "bf16", dtype="auto").dtype == torch.bfloat16
 
 
 def test_the_fused_head_and_loss_train_like_transformers_loss(single_run, text_data, tmp_path):

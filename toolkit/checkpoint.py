@@ -234,27 +234,51 @@ def load_sharded_weights(accelerator, model, step_dir: Path) -> None:
 # --- Hugging Face model directories -------------------------------------------------------------
 
 
-def export(accelerator, model, tokenizer, out: str | Path, merge_lora: bool = False) -> None:
+EXPORT_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def export(accelerator, model, tokenizer, out: str | Path, merge_lora: bool = False, dtype: str = "fp32") -> None:
     """Write `out` as a Hugging Face model directory, whatever the strategy.
 
-    All ranks call this: `get_state_dict` gathers ZeRO-3 / FSDP shards into a full state dict on
-    the main process (the naive `save_pretrained` of a sharded model writes empty tensors)."""
-    state_dict = accelerator.get_state_dict(model)
+    All ranks call this: the full state dict of the master weights is gathered on the main process
+    only (the naive `save_pretrained` of a sharded model writes empty tensors)."""
+    from .strategy import master_state_dict
+
+    state_dict = master_state_dict(accelerator, model)  # all ranks
     if accelerator.is_main_process:
-        write_hf_model(accelerator.unwrap_model(model), state_dict, tokenizer, Path(out), merge_lora)
+        write_hf_model(accelerator.unwrap_model(model), state_dict, tokenizer, Path(out), merge_lora, dtype)
     accelerator.wait_for_everyone()
 
 
-def write_hf_model(model, state_dict: dict, tokenizer, out: Path, merge_lora: bool = False) -> None:
+def write_hf_model(model, state_dict: dict, tokenizer, out: Path, merge_lora: bool = False,
+                   dtype: str = "fp32") -> None:
     """safetensors weights + config + tokenizer that plain transformers loads; for a LoRA model the
     adapter (peft picks its weights out of the full state dict), and with `merge_lora` also
-    `merged/`, a full model."""
+    `merged/`, a full model. The same files under every strategy: floats in `dtype` (fp32, bf16 or
+    fp16) and no second copy of a tied weight."""
+    import torch
+
+    torch_dtype = getattr(torch, EXPORT_DTYPES[dtype])
+    # Gathered shards no longer share storage, so transformers' own check would keep the tied
+    # lm_head as a second copy of the embedding (FSDP): drop it by name; loading ties it again.
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    weights = {k: v.to(torch_dtype) if v.is_floating_point() else v for k, v in state_dict.items() if k not in tied}
     with replaced_dir(out) as tmp:
-        model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        model.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
+        _record_dtype(tmp, dtype)  # save_pretrained records the live model's dtype, not the files'
         tokenizer.save_pretrained(tmp)
         if merge_lora:
-            merged_model(model, state_dict, out).save_pretrained(tmp / "merged", safe_serialization=True)
+            merged = merged_model(model, state_dict, out).to(torch_dtype)
+            merged.save_pretrained(tmp / "merged", safe_serialization=True)
             tokenizer.save_pretrained(tmp / "merged")
+
+
+def _record_dtype(directory: Path, dtype: str) -> None:
+    config = directory / "config.json"
+    if config.is_file():
+        fields = json.loads(config.read_text())
+        fields["dtype"] = EXPORT_DTYPES[dtype]
+        config.write_text(json.dumps(fields, indent=2, sort_keys=True) + "\n")
 
 
 def merged_model(peft_model, state_dict: dict, source: Path):

@@ -184,6 +184,9 @@ class CheckpointConfig:
     """Save a resumable checkpoint every N optimizer steps (0: off)."""
     keep_last: int = 2
     """Keep only the newest N checkpoints (0: keep all)."""
+    export_dtype: str = "fp32"
+    """fp32 | bf16 | fp16: dtype of the weights in final/ and toolkit.export (fp32: the optimizer's
+    master weights, whatever the training precision; 16-bit halves the files)."""
 
 
 @dataclass
@@ -223,6 +226,7 @@ CHOICES = {
     "data.format": ("auto", "text", "sft"),
     "optim.name": ("adamw", "adamw_8bit", "paged_adamw_8bit", "deepspeed"),
     "optim.scheduler": ("linear", "cosine", "constant"),
+    "checkpoint.export_dtype": ("fp32", "bf16", "fp16"),
     "train.report_to": ("none", "tensorboard", "wandb", "all"),
 }
 POSITIVE = ("data.block_size", "train.micro_batch_size", "train.grad_accum_steps", "train.log_every",

@@ -20,12 +20,15 @@ def main(argv=None) -> None:
     parser.add_argument("--checkpoint", required=True, help="a checkpoints/step-N directory of any strategy")
     parser.add_argument("--out", required=True, help="directory to write the Hugging Face model to")
     parser.add_argument("--merge-lora", action="store_true", help="also write OUT/merged/ for a LoRA run")
+    parser.add_argument("--dtype", choices=sorted(checkpoint.EXPORT_DTYPES),
+                        help="dtype of the written weights (default: the run's checkpoint.export_dtype, fp32)")
     args = parser.parse_args(argv)
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
         raise UserError(f"--out {out} exists and is not empty: choose a new directory")
     model, tokenizer, cfg = checkpoint.load_model(args.checkpoint)
-    checkpoint.write_hf_model(model, model.state_dict(), tokenizer, out, merge_lora=args.merge_lora or cfg.lora.merge)
+    checkpoint.write_hf_model(model, model.state_dict(), tokenizer, out, merge_lora=args.merge_lora or cfg.lora.merge,
+                              dtype=args.dtype or cfg.checkpoint.export_dtype)
     print(f"exported {args.checkpoint} -> {out}")
 
 

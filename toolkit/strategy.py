@@ -18,12 +18,16 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration, PartialState
-from accelerate.utils import DistributedType, GradientAccumulationPlugin, InitProcessGroupKwargs
+from accelerate.utils import (DistributedDataParallelKwargs, DistributedType, GradientAccumulationPlugin,
+                               InitProcessGroupKwargs)
 
 from . import telemetry
 from .config import RunConfig, UserError
 from .optim import EIGHT_BIT, import_bitsandbytes
 
+# DDP's gradients live in its all-reduce buckets instead of being copied into them after backward:
+# one model-sized copy less per step and one gradient-sized buffer less in memory.
+DDP_KWARGS = DistributedDataParallelKwargs(gradient_as_bucket_view=True)
 MIN_AIO_BYTES = 2**20  # deepspeed.runtime.swap_tensor.utils.MIN_AIO_BYTES
 # Keys of a DeepSpeed JSON that the run config owns; "auto" (or absent) in the JSON takes the run's value.
 DEEPSPEED_RUN_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size",
@@ -66,26 +70,48 @@ def use_cpu_share(requested: int = 0) -> dict:
         local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         threads, source = max(1, len(os.sched_getaffinity(0)) // local_processes), "cores / local processes"
     torch.set_num_threads(threads)
-    return {"cpu_threads": threads, "cpu_threads_from": source, "malloc_keeps_freed_memory": keep_freed_memory()}
+    return {"cpu_threads": threads, "cpu_threads_from": source}
 
 
-def keep_freed_memory() -> bool:
-    """glibc hands every block over 32 MB back to the OS when it is freed, and the next step's
-    allocation of the same size is faulted in again page by page: the logits, the embedding's
-    gradient, ... (measured at opt-125m: 0.6 s of a 7 s step, in fill_ and add of fresh tensors).
-    Serve large blocks from the heap and keep it, as the jemalloc/tcmalloc preloads in PyTorch's
-    CPU performance guide do; False where the C library is not glibc."""
+def tune_cpu_allocator(accelerator: Accelerator) -> dict:
+    """How glibc treats large freed blocks on CPU, chosen by what the strategy is for.
+
+    By default glibc returns blocks above a moving threshold (up to 32 MB) to the OS, and the next
+    step faults the same sizes in again page by page: the logits, the embedding's gradient, ...
+    (measured at opt-125m: 0.6 s of a 7 s step). Where every rank holds the whole model (one
+    process, DDP, ZeRO-1/2) the working set is the same every step, so the heap keeps it (as the
+    jemalloc/tcmalloc preloads of PyTorch's CPU performance guide do). Where parameters are
+    sharded (ZeRO-3, FSDP), memory is what the strategy is for, and layer after layer is gathered
+    and freed: blocks over 128 KiB (glibc's initial threshold, kept fixed) go back to the OS at
+    once, so a rank holds its shard and the layer at work, not the high-water mark of every
+    transient (random-opt-125m, ZeRO-3, 2 ranks:
+    1.25 GB resident for 1.17 GB of model-state tensors; 2.0 GB with glibc's moving threshold,
+    2.9 GB with the heap kept; benchmarks/state_memory.py)."""
+    if torch.cuda.is_available():
+        return {}
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
-        return False
-    m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>
-    return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
+        return {"cpu_allocator": "default"}  # not glibc
+    m_trim_threshold, m_mmap_threshold, m_mmap_max = -1, -3, -4  # <malloc.h>
+    if shards_parameters(accelerator):
+        libc.mallopt(m_mmap_threshold, 2**17)  # set, so glibc no longer raises it
+        return {"cpu_allocator": "return blocks over 128 KiB"}
+    libc.mallopt(m_mmap_max, 0)
+    libc.mallopt(m_trim_threshold, 2**31 - 1)
+    return {"cpu_allocator": "keep freed blocks"}
+
+
+def shards_parameters(accelerator: Accelerator) -> bool:
+    if accelerator.distributed_type == DistributedType.FSDP:
+        return True
+    return (accelerator.distributed_type == DistributedType.DEEPSPEED
+            and accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {}).get("stage") == 3)
 
 
 def release_freed_memory() -> None:
     """Give back what building, loading and sharding freed (a whole model's worth under ZeRO-3),
-    before the loop, whose own working set the heap then keeps (keep_freed_memory)."""
+    before the loop."""
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
@@ -124,9 +150,9 @@ def make_accelerator(cfg: RunConfig) -> Accelerator:
             # ...and, for FSDP, let AcceleratorState see a multi-device type: it only turns on FSDP
             # for those, and replaces this value with DistributedType.FSDP as it does.
             PartialState._shared_state["distributed_type"] = DistributedType.MULTI_GPU
-        accelerator = Accelerator(cpu=True, **common)
+        accelerator = Accelerator(cpu=True, kwargs_handlers=[DDP_KWARGS], **common)
     else:
-        accelerator = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(timeout=timeout)], **common)
+        accelerator = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(timeout=timeout), DDP_KWARGS], **common)
 
     if accelerator.distributed_type == DistributedType.FSDP and on_cpu:
         from torch.distributed.fsdp import CPUOffloadPolicy
@@ -237,6 +263,28 @@ def checkpoint_layout(accelerator: Accelerator) -> str:
     """The layout `save_state` writes under this strategy (see checkpoint.layout)."""
     return {DistributedType.DEEPSPEED: "deepspeed", DistributedType.FSDP: "fsdp"}.get(accelerator.distributed_type,
                                                                                       "full")
+
+
+def master_state_dict(accelerator: Accelerator, model) -> dict:
+    """All ranks: the trained weights as the optimizer holds them (fp32 masters), whole, on the main
+    process; named as the unwrapped model names them. No rank holds the whole model but the main.
+
+    accelerate's `get_state_dict` gathers ZeRO-3 / FSDP shards, but under DeepSpeed with bf16/fp16
+    it gives the engine's 16-bit working copies, while DDP and FSDP give fp32. The fp32 masters
+    sit in ZeRO's flat optimizer partitions: gathered here one parameter at a time."""
+    state_dict = accelerator.get_state_dict(model)
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return state_dict
+    unwrapped = accelerator.unwrap_model(model)
+    if all(p.dtype == torch.float32 for p in unwrapped.parameters()):
+        return state_dict
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    for name, param in unwrapped.named_parameters():
+        master = safe_get_full_fp32_param(param)  # all ranks (an all-gather); None for frozen weights
+        if master is not None and accelerator.is_main_process:
+            state_dict[name] = master.cpu()
+    return state_dict
 
 
 def json_scheduler(accelerator: Accelerator) -> bool:

@@ -62,7 +62,7 @@ def run(cfg: RunConfig, accelerator, stop) -> None:
     from .optim import build_optimizer, build_scheduler
 
     out = Path(cfg.output_dir)
-    threads = strategy.use_cpu_share(cfg.train.cpu_threads)
+    cpu = {**strategy.use_cpu_share(cfg.train.cpu_threads), **strategy.tune_cpu_allocator(accelerator)}
     state = {"step": 0, "epoch": 0, "batch": 0, "tokens": 0}
     resume_from = checkpoint.find_resume(cfg.resume, out)
     if resume_from is not None:  # refuse a checkpoint that would train something else before any work
@@ -98,7 +98,7 @@ def run(cfg: RunConfig, accelerator, stop) -> None:
     model, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(
         model, optimizer, train_loader, eval_loader, scheduler)
     cfg.runtime = strategy.verify(accelerator, model, optimizer, cfg)  # stop here if not what was asked
-    cfg.runtime.update(**threads, max_steps=max_steps, data_format=fmt, activation_checkpointing=checkpointing,
+    cfg.runtime.update(**cpu, max_steps=max_steps, data_format=fmt, activation_checkpointing=checkpointing,
                        trainable_params=strategy.trainable_numel(model))
     # What MFU is computed from: the model's FLOPs per token and this device's peak.
     cfg.runtime.update(**telemetry.model_flops(accelerator.unwrap_model(model)),
@@ -115,12 +115,13 @@ def run(cfg: RunConfig, accelerator, stop) -> None:
             config_lib.save(cfg, out / "config.yaml")
             telemetry.trim_metrics(out / "metrics.jsonl", state["step"])  # steps after the checkpoint are redone
 
-    if threads:
+    if cpu:
         strategy.release_freed_memory()
     finished = train(cfg, accelerator, model, optimizer, scheduler, train_loader, eval_loader, state, max_steps,
                      stop, resume_from)
     if finished:
-        checkpoint.export(accelerator, model, tokenizer, out / "final", merge_lora=cfg.lora.merge)  # all ranks
+        checkpoint.export(accelerator, model, tokenizer, out / "final", merge_lora=cfg.lora.merge,  # all ranks
+                          dtype=cfg.checkpoint.export_dtype)
         accelerator.print(f"saved {out / 'final'}")
     accelerator.wait_for_everyone()
     accelerator.end_training()
