@@ -1,6 +1,6 @@
 """The toolkit against its peers, on this machine, in one run.
 
-    python benchmarks/run.py --quick --json results.json     # about 10 minutes on 2 CPU cores
+    python benchmarks/run.py --quick --json results.json     # about 12 minutes on 2 CPU cores
     python benchmarks/run.py --json results.json --results benchmarks/RESULTS.md   # the full run
 
 Peers run the identical job (random-opt-125m shapes, the same text and tokenizer, block 128,
@@ -37,8 +37,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 PRESET = "random-opt-125m"
-MODES = {  # micro batch per process is global / processes; steps include `warmup`
-    "quick": dict(global_batch=4, steps=4, warmup=1, rounds=2, configs=False),
+MODES = {  # the same job (global batch 8 x 128 tokens; micro batch = 8 / processes), more turns in full
+    "quick": dict(global_batch=8, steps=4, warmup=1, rounds=2, configs=False),
     "full": dict(global_batch=8, steps=6, warmup=2, rounds=4, configs=True),
 }
 

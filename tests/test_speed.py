@@ -72,9 +72,11 @@ def test_packed_sft_rows_score_each_example_as_if_it_were_alone():
     examples = [([2, 5, 6, 7, 8], [IGNORE, IGNORE, 6, 7, 8]), ([2, 9, 10, 11], [IGNORE, IGNORE, 10, 11]),
                 ([2, 12, 13, 14, 15, 16], [IGNORE, 12, 13, 14, 15, 16])]
     rows = _pack_examples({"input_ids": [e[0] for e in examples], "labels": [e[1] for e in examples]}, block_size=12)
-    assert rows["lengths"] == [[5, 4], [6]]  # whole examples, in order, at most 12 tokens a row
+    # whole examples, at most 12 tokens a row, best-fit decreasing: 6 opens a row, 5 fills it to 11, 4 opens one
+    assert rows["lengths"] == [[6, 5], [4]]
     packed = Collator(pad_token_id=1)([{k: rows[k][i] for k in rows} for i in range(2)])
-    alone = Collator(pad_token_id=1)([{"input_ids": ids, "labels": labels} for ids, labels in examples])
+    in_packed_order = [examples[2], examples[0], examples[1]]
+    alone = Collator(pad_token_id=1)([{"input_ids": ids, "labels": labels} for ids, labels in in_packed_order])
     model = tiny_model()
 
     def token_nlls(batch):

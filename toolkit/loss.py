@@ -33,23 +33,30 @@ class LinearCrossEntropy(torch.autograd.Function):
         w, h = weight.to(compute_dtype), hidden.to(compute_dtype)
         n, vocab = h.shape[0], w.shape[0]
         grad_hidden = torch.empty_like(h)
-        # The weight's gradient sums over chunks: in fp32 (as the head's fp32 master weight keeps it).
-        grad_weight = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
+        grad_weight = None  # vocab x dim, summed over chunks in fp32 (as the head's master weight)
         loss = torch.zeros((), dtype=torch.float32, device=w.device)
         chunk = max(1, CHUNK_BYTES // (4 * vocab))
         for start in range(0, n, chunk):
             h_c, t_c = h[start:start + chunk], targets[start:start + chunk]
             logits = (h_c @ w.t()).float()
-            lse = torch.logsumexp(logits, dim=1)
-            loss += (lse - logits.gather(1, t_c[:, None]).squeeze(1)).sum()
-            grad_logits = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+            target_logits = logits.gather(1, t_c[:, None]).squeeze(1)
+            # One exp over the chunk gives both the loss (log-sum-exp) and the softmax, in place.
+            shift = logits.amax(dim=1, keepdim=True)
+            exp = logits.sub_(shift).exp_()
+            total = exp.sum(dim=1, keepdim=True)
+            loss += (shift.squeeze(1) + total.log().squeeze(1) - target_logits).sum()
+            grad_logits = exp.div_(total)  # softmax - one_hot: d(sum of NLLs) / d(logits)
             grad_logits[torch.arange(len(t_c), device=t_c.device), t_c] -= 1
             grad_logits = grad_logits.to(compute_dtype)
             grad_hidden[start:start + chunk] = grad_logits @ w
-            if compute_dtype == torch.float32:
+            if grad_weight is None:  # the first chunk writes it: no zero-filled vocab x dim tensor first
+                grad_weight = (grad_logits.t() @ h_c).float()
+            elif compute_dtype == torch.float32:
                 grad_weight.addmm_(grad_logits.t(), h_c)
             else:
                 grad_weight += grad_logits.t() @ h_c
+        if grad_weight is None:  # no scored position in this batch
+            grad_weight = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.dtypes = hidden.dtype, weight.dtype
         return loss
