@@ -114,3 +114,22 @@ def test_heldout_split_is_deterministic_and_disjoint(tmp_path):
     train2, eval2 = data.load_raw(cfg, seed=3)
     assert eval1["text"] == eval2["text"] and len(eval1) == 10
     assert not set(eval1["text"]) & set(train1["text"])
+
+
+def test_the_preprocessing_cache_is_reused_until_the_toolkit_code_changes(tokenizer, tmp_path, monkeypatch):
+    """datasets names a cache by a module-level function's name, not its code: without the module's
+    own hash in the fingerprint, a toolkit whose tokenizing or packing changed would reuse old caches."""
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": f"the quick brown fox {i} jumps"}) + "\n" for i in range(50)))
+    cfg = DataConfig(train=str(path), block_size=8, eval_fraction=0.1)
+
+    def blocks():
+        raw, _ = data.load_raw(cfg, 42)
+        out = data.tokenize_for_training(raw, tokenizer, cfg, "text")
+        return out._fingerprint, [f["filename"] for f in out.cache_files]
+
+    first = blocks()
+    assert first[1] and blocks() == first  # written to a cache file, then read back from it
+    monkeypatch.setattr(data, "PIPELINE_VERSION", "another toolkit")
+    changed = blocks()
+    assert changed[0] != first[0] and changed[1] != first[1]

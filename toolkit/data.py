@@ -8,11 +8,13 @@ read its cache.
 from __future__ import annotations
 
 import bisect
+import hashlib
 import json
 from pathlib import Path
 
 import datasets
 import torch
+from datasets.fingerprint import Hasher
 from torch.utils.data import DataLoader
 
 from .config import DataConfig, UserError
@@ -107,19 +109,31 @@ def check_block_size(block_size: int, max_positions: int) -> None:
                         f"set data.block_size<={max_positions}")
 
 
+# datasets fingerprints a module-level function by its name (dill pickles it by reference), so
+# a toolkit whose tokenizing or packing changed would silently reuse the caches of the old one.
+PIPELINE_VERSION = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
+
+
+def cached_map(ds: datasets.Dataset, function, **kwargs) -> datasets.Dataset:
+    """`ds.map` cached by the data set, the arguments and this module's code."""
+    fingerprint = Hasher.hash([ds._fingerprint, function, kwargs, PIPELINE_VERSION])
+    return ds.map(function, new_fingerprint=fingerprint, **kwargs)
+
+
 def tokenize_for_training(ds: datasets.Dataset, tokenizer, cfg: DataConfig, fmt: str) -> datasets.Dataset:
     """Text: documents tokenized, concatenated and cut into `block_size` blocks (the tail that does
     not fill a block is dropped). SFT: prompt+response per example, prompt labels masked."""
     if fmt == "text":
-        ids = ds.map(lambda b: {"input_ids": tokenizer(b[cfg.text_field])["input_ids"]}, batched=True,
-                     remove_columns=ds.column_names, desc="tokenize")
-        blocks = ids.map(_pack, batched=True, fn_kwargs={"block_size": cfg.block_size}, desc="pack")
+        ids = cached_map(ds, lambda b: {"input_ids": tokenizer(b[cfg.text_field])["input_ids"]}, batched=True,
+                         remove_columns=ds.column_names, desc="tokenize")
+        blocks = cached_map(ids, _pack, batched=True, fn_kwargs={"block_size": cfg.block_size}, desc="pack")
     else:
-        blocks = ds.map(_sft_example, batched=True, remove_columns=ds.column_names, desc="tokenize sft",
-                        fn_kwargs={"tokenizer": tokenizer, "cfg": cfg})
+        blocks = cached_map(ds, _sft_example, batched=True, remove_columns=ds.column_names, desc="tokenize sft",
+                            fn_kwargs={"tokenizer": tokenizer, "cfg": cfg})
         if cfg.packing:
-            blocks = blocks.map(_pack_examples, batched=True, batch_size=10_000, remove_columns=blocks.column_names,
-                                fn_kwargs={"block_size": cfg.block_size}, desc="pack sft")
+            blocks = cached_map(blocks, _pack_examples, batched=True, batch_size=10_000,
+                                remove_columns=blocks.column_names, fn_kwargs={"block_size": cfg.block_size},
+                                desc="pack sft")
     if len(blocks) == 0:
         raise UserError(f"data yields no training sequences of data.block_size={cfg.block_size}: "
                         "give more text or lower data.block_size")
@@ -204,7 +218,7 @@ def tokenize_for_eval(ds: datasets.Dataset, tokenizer, cfg: DataConfig, fmt: str
                     out["n_bytes"].append(len(text.encode()) if i == 0 else 0)
                     out["documents"].append(1 if i == 0 else 0)
         return out
-    windows = ds.map(fn, batched=True, remove_columns=ds.column_names, desc="tokenize held-out")
+    windows = cached_map(ds, fn, batched=True, remove_columns=ds.column_names, desc="tokenize held-out")
     if len(windows) == 0:
         raise UserError("held-out data has no scorable tokens: give documents with at least two tokens")
     return windows
