@@ -84,9 +84,8 @@ def tune_cpu_allocator(accelerator: Accelerator) -> dict:
     sharded (ZeRO-3, FSDP), memory is what the strategy is for, and layer after layer is gathered
     and freed: blocks over 128 KiB (glibc's initial threshold, kept fixed) go back to the OS at
     once, so a rank holds its shard and the layer at work, not the high-water mark of every
-    transient (random-opt-125m, ZeRO-3, 2 ranks:
-    1.25 GB resident for 1.17 GB of model-state tensors; 2.0 GB with glibc's moving threshold,
-    2.9 GB with the heap kept; benchmarks/state_memory.py)."""
+    transient (random-opt-125m, ZeRO-3, 2 ranks: 1.25 GB resident for 1.17 GB of model-state
+    tensors; 2.0 GB with glibc's moving threshold, 2.9 GB with the heap kept)."""
     if torch.cuda.is_available():
         return {}
     try:
