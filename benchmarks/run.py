@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]  # the toolkit, and memory.py beside this file
 PRESET = "random-opt-125m"
 MODES = {  # the same job (global batch 8 x 128 tokens; micro batch = 8 / processes), more turns in full
     "quick": dict(global_batch=8, steps=4, warmup=1, rounds=2, configs=False),
@@ -177,7 +177,6 @@ class Bench:
 
     def adam8bit(self) -> dict:
         """Optimizer state bytes after one step, AdamW vs 8-bit AdamW, on the real shapes."""
-        sys.path.insert(0, str(ROOT / "benchmarks"))
         import torch
         from memory import build
 
@@ -202,7 +201,6 @@ class Bench:
         import torch
         from accelerate import Accelerator
 
-        sys.path.insert(0, str(ROOT / "benchmarks"))
         from memory import build
 
         from toolkit.config import OptimConfig
@@ -252,7 +250,6 @@ class Bench:
         """Bytes autograd saves for backward in one forward, micro batch 8 x 128, with and without."""
         import torch
 
-        sys.path.insert(0, str(ROOT / "benchmarks"))
         from memory import build, saved_activation_bytes
 
         ids = torch.randint(4, 50000, (8, 128))
@@ -268,7 +265,6 @@ class Bench:
     def strategies(self) -> dict:
         """tokens/s of every accelerate config relative to DDP, 2 processes, the same job."""
         configs = sorted(p.stem for p in (ROOT / "accelerate_configs").glob("*.yaml") if p.stem != "single")
-        configs = [c for c in configs if c not in ("hsdp",)]  # 4 processes: benchmarks/scaling.py
         rates = {c: self.toolkit(2, config=c)["tokens_per_s"] for c in configs}
         return {c: {"tokens_per_s": r, "vs_ddp": r / rates["ddp"]} for c, r in rates.items()}
 

@@ -303,8 +303,8 @@ class Telemetry:
         record = {**record, "time": round(time.time(), 3)}  # wall clock, when it was logged
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
-        self.accelerator.log({k: v for k, v in record.items() if k not in ("step", "time") and isinstance(v, (int, float))},
-                             step=record["step"])
+        scalars = {k: v for k, v in record.items() if k not in ("step", "time") and isinstance(v, (int, float))}
+        self.accelerator.log(scalars, step=record["step"])
         if "loss" in record:
             self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", refresh=False)
         if "eval_loss" in record:
