@@ -48,10 +48,28 @@ def write_speed_section(r: dict, results_md: Path) -> None:
             lines += ["", f"- {key}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                                  for k, v in d[key].items())]
     lines.append(END)
-    section = "\n".join(lines)
+    replace_section(results_md, BEGIN, END, "\n".join(lines))
+
+
+def write_capacity_section(r: dict, table: str, results_md: Path) -> None:
+    begin, end = "<!-- capacity:begin (benchmarks/capacity.py writes this section) -->", "<!-- capacity:end -->"
+    largest = ", ".join(f"{name} {shape.removeprefix('random-opt-')}" for name, shape in r["largest"].items())
+    lines = [begin, "## Capacity: the largest model each strategy trains here", "",
+             f"`{r['command']}` ({r['seconds'] // 60} min), on {r['machine']}; each candidate killed above "
+             f"{r['memory_limit_gb']} GB resident (all its processes together). 2 processes, micro batch 1 x 128, "
+             "2 optimizer steps, fp32. Peaks are each rank's resident memory (VmHWM): at start = while the model "
+             "is built and `prepare`d, in training = from the first step on. The formula is the model states a "
+             "rank holds by the ZeRO accounting (16 bytes per parameter, split as the strategy splits them); the "
+             "rest is the process itself (about 0.45 GB of libraries), activations, gathered layers and buffers.", "",
+             f"Largest that trains: {largest}.", "", table, end]
+    replace_section(results_md, begin, end, "\n".join(lines))
+
+
+def replace_section(results_md: Path, begin: str, end: str, section: str) -> None:
+    """Rewrite the text between the markers, or append the section."""
     text = results_md.read_text() if results_md.exists() else "# Benchmarks\n"
-    if BEGIN in text:
-        text = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: section, text, flags=re.S)
+    if begin in text:
+        text = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: section, text, flags=re.S)
     else:
         text = text.rstrip() + "\n\n" + section + "\n"
     results_md.write_text(text)

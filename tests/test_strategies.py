@@ -125,6 +125,55 @@ def assert_same_weights(reference_dir: Path, *dirs: Path, atol: float = WEIGHT_A
             torch.testing.assert_close(value, reference[key], rtol=0, atol=atol, msg=f"{exported} {key}")
 
 
+@pytest.fixture(scope="module")
+def born_runs(text_data, tmp_path_factory):
+    """small-opt (77M parameters, 308 MB in fp32, its largest parameter 4 MB) for one step under
+    DDP, ZeRO-3 and FSDP: the start memory of each rank, phase by phase."""
+    runs = {}
+    for name in ("ddp", "zero3", "fsdp"):
+        runs[name] = out = tmp_path_factory.mktemp(f"born_{name}")
+        launch("toolkit.train", tiny_run(text_data, out, **{
+            "model.name_or_path": "small-opt", "data.block_size": 32, "train.micro_batch_size": 1,
+            "train.max_steps": 1, "eval.every": 0, "eval.max_batches": 1}), config=name, extra=["--mixed_precision", "no"])
+    return runs
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("name", ["zero3", "fsdp"])
+def test_a_sharded_strategy_never_holds_the_whole_model_on_a_rank(name, born_runs):
+    """Building and placing the model adds to each rank's peak resident memory about its shard
+    (half the model) plus the largest parameter; a whole-model build, as DDP's, adds at least the
+    whole model. 0.75 lies between: 0.5 + the 4 MB parameter + allocator slack, and 1.0."""
+    whole_gb = runtime(born_runs["ddp"])["params_numel"] * 4 / 2**30
+
+    def build_growth(run):
+        memory = runtime(run)["memory_at_start_gb"]
+        return [built - before for built, before in zip(memory["model_built"], memory["before_model"])]
+
+    assert all(g >= 0.95 * whole_gb for g in build_growth(born_runs["ddp"])), (build_growth(born_runs["ddp"]), whole_gb)
+    for rank, growth in enumerate(build_growth(born_runs[name])):
+        assert 0.4 * whole_gb < growth < 0.75 * whole_gb, (name, rank, growth, whole_gb)
+    # born sharded, from the same seed: the same initial model (the first loss, before any update)
+    assert metrics(born_runs[name])[0][0]["loss"] == pytest.approx(metrics(born_runs["ddp"])[0][0]["loss"],
+                                                                  rel=LOSS_RTOL)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("name", ["zero3", "fsdp"])
+def test_a_checkpoint_loads_sharded_and_trains_like_ddp(name, ddp_run, text_data, tmp_path):
+    """From a local checkpoint (DDP's export): ZeRO-3 loads it into partitions and FSDP on the
+    main process only (fsdp_cpu_ram_efficient_loading), which broadcasts it while sharding."""
+    runs = {}
+    for config in ("ddp", name):
+        runs[config] = out = tmp_path / config
+        launch("toolkit.train", tiny_run(text_data, out, **ARGS, **{"model.name_or_path": ddp_run / "final",
+                                                                    "train.max_steps": 2}),
+               config=config, extra=["--mixed_precision", "no"])
+    for a, b in zip(metrics(runs["ddp"])[0], metrics(runs[name])[0], strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=LOSS_RTOL)
+    assert metrics(runs[name])[0][0]["loss"] < metrics(ddp_run)[0][0]["loss"]  # it starts from the trained model
+
+
 WIZARD_DEEPSPEED = """\
 compute_environment: LOCAL_MACHINE
 debug: false

@@ -7,6 +7,8 @@ training text, with OPT's conventions (`</s>` is BOS and EOS, `<pad>` pads).
 
 from __future__ import annotations
 
+import hashlib
+import math
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -24,6 +26,11 @@ PRESETS: dict[str, dict] = {
     "tiny-opt": dict(vocab_size=2048, max_position_embeddings=512, hidden_size=128, num_hidden_layers=2,
                      num_attention_heads=4, ffn_dim=512, word_embed_proj_dim=128, dropout=0.0,
                      attention_dropout=0.0),
+    # 77M parameters in 24 layers of 3M: the whole model (308 MB in fp32) dwarfs its largest
+    # parameter, so tests can tell a sharded build (half of it per rank) from a whole one.
+    "small-opt": dict(vocab_size=2048, max_position_embeddings=512, hidden_size=512, num_hidden_layers=24,
+                      num_attention_heads=8, ffn_dim=2048, word_embed_proj_dim=512, dropout=0.0,
+                      attention_dropout=0.0),
     "random-opt-125m": dict(_REAL, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, ffn_dim=3072,
                             word_embed_proj_dim=768),
     "random-opt-350m": dict(_REAL, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, ffn_dim=4096,
@@ -114,17 +121,86 @@ def model_config(cfg: ModelConfig, tokenizer) -> OPTConfig:
 
 def build_model(cfg: ModelConfig, tokenizer) -> OPTForCausalLM:
     """Always fp32 weights: mixed precision is the strategy's job (autocast, DeepSpeed or FSDP
-    policy), and so is activation checkpointing (strategy.enable_activation_checkpointing)."""
+    policy), and so is activation checkpointing (strategy.enable_activation_checkpointing).
+
+    A preset comes back without values, never whole on any rank: on the meta device, or under
+    ZeRO-3 already partitioned by `deepspeed.zero.Init` (transformers enters it in `_from_config`).
+    `initialize_weights` gives it values once the strategy has placed it. A checkpoint is loaded
+    as the strategy asks transformers to: partitioned under ZeRO-3, on the main process only under
+    FSDP's `fsdp_cpu_ram_efficient_loading` (accelerate broadcasts it when it shards the model)."""
     config = model_config(cfg, tokenizer)
     if is_preset(cfg.name_or_path):
-        # The plain constructor, not from_config: under ZeRO-3 from_config initialises inside
-        # deepspeed.zero.Init, whose random init differs from every other strategy's; built
-        # whole, the same seed gives the same model under all of them (DeepSpeed partitions it).
-        model = OPTForCausalLM(config)
+        from transformers.integrations import is_deepspeed_zero3_enabled
+
+        if is_deepspeed_zero3_enabled():
+            # transformers initialises the partitions with draws from the global generator, which
+            # initialize_weights replaces; dropout must see the same generator as elsewhere.
+            with torch.random.fork_rng(devices=[]):
+                return OPTForCausalLM._from_config(config)
+        with torch.device("meta"):
+            return OPTForCausalLM(config)
+    return OPTForCausalLM.from_pretrained(cfg.name_or_path, config=config, revision=cfg.revision,
+                                          dtype=torch.float32, use_safetensors=None)
+
+
+def initialize_weights(model: torch.nn.Module, seed: int, device: torch.device, whole_parameter) -> None:
+    """Give a preset its initial weights, the same under every strategy: each parameter is drawn
+    from its own generator, seeded by the run's seed and the parameter's name, so the values do
+    not depend on which rank holds which part, nor on how many ranks there are. The rules are
+    OPT's (transformers' `_init_weights`) and peft's LoRA defaults.
+
+    `whole_parameter(param)` is the strategy's context manager that hands out the whole parameter
+    to write into (None on ranks that need not) and keeps this rank's part of it afterwards;
+    parameters are visited one at a time, so the largest one bounds the memory this takes."""
+    if any(p.is_meta for p in model.parameters()):
+        model.to_empty(device=device)
+        model.tie_weights()  # to_empty gives the tied lm_head and embedding a tensor each
+    std = model.config.init_std
+    done = set()
+    for module_name, module in model.named_modules():
+        for name, param in module.named_parameters(prefix=module_name, recurse=False):
+            if id(param) in done:  # a tied weight, initialised as its first owner (the embedding)
+                continue
+            done.add(id(param))
+            with torch.no_grad(), whole_parameter(param) as whole:
+                if whole is not None:
+                    _draw(whole, module, name, std, _generator(seed, _canonical(name)))
+
+
+def _draw(whole: torch.Tensor, module: torch.nn.Module, name: str, std: float, gen: torch.Generator) -> None:
+    # Drawn on the CPU, whatever the device, so that a GPU run starts from the same values.
+    values = whole if whole.device.type == "cpu" else torch.empty(whole.shape, dtype=whole.dtype)
+    if name.endswith("bias") or ".lora_B." in name:
+        values.zero_()
+    elif ".lora_A." in name:  # peft's default, kaiming_uniform_(a=sqrt(5)): U(+-1/sqrt(fan_in))
+        bound = 1 / math.sqrt(values.shape[1])
+        values.uniform_(-bound, bound, generator=gen)
+    elif "LayerNorm" in type(module).__name__:
+        values.fill_(1.0)
+    elif isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+        values.normal_(0.0, std, generator=gen)
+        if isinstance(module, torch.nn.Embedding) and module.padding_idx is not None:
+            values[module.padding_idx] = 0
     else:
-        model = OPTForCausalLM.from_pretrained(cfg.name_or_path, config=config, revision=cfg.revision,
-                                               dtype=torch.float32, use_safetensors=None)
-    return model
+        raise TypeError(f"no initialisation rule for {name} (a {type(module).__name__})")
+    if values is not whole:
+        whole.copy_(values)
+
+
+# What wrappers insert into parameter names: peft's LoRA model and layers, checkpoint wrappers.
+_WRAPPER_PARTS = ("base_model.model.", "base_layer.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def _canonical(name: str) -> str:
+    """The parameter's name in the plain OPTForCausalLM, under whatever wraps it."""
+    for part in _WRAPPER_PARTS:
+        name = name.replace(part, "")
+    return name
+
+
+def _generator(seed: int, name: str) -> torch.Generator:
+    digest = hashlib.sha256(f"{seed}/{name}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
 
 
 def apply_lora(model: OPTForCausalLM, cfg: LoraConfig):

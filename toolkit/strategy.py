@@ -12,6 +12,7 @@ import ctypes
 import importlib.metadata
 import json
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -284,6 +285,61 @@ def master_state_dict(accelerator: Accelerator, model) -> dict:
         if master is not None and accelerator.is_main_process:
             state_dict[name] = master.cpu()
     return state_dict
+
+
+def shard_before_optimizer(accelerator: Accelerator, model):
+    """FSDP: shard the model now, so the optimizer is built on the shards.
+
+    accelerate shards inside `prepare` and then re-points the optimizer from each old parameter
+    to its shard by data pointer; a model born on the meta device (a preset), or left there on the
+    other ranks by a memory-efficient checkpoint load, has every pointer 0. Sharded here with
+    accelerate's own function, the model arrives in `prepare` already an FSDP module, which
+    `prepare` keeps as it is."""
+    if accelerator.distributed_type != DistributedType.FSDP:
+        return model
+    from accelerate.utils.fsdp_utils import fsdp2_apply_ac, fsdp2_prepare_model
+
+    plugin = accelerator.state.fsdp_plugin
+    if plugin.fsdp_version != 2:
+        raise UserError("this toolkit runs FSDP2: set fsdp_version: 2 in the accelerate config "
+                        "(see accelerate_configs/fsdp.yaml)")
+    if all(p.is_meta for p in model.parameters()):
+        # A preset: every rank initialises its own shards afterwards; rank 0 has nothing to broadcast.
+        plugin.cpu_ram_efficient_loading = False
+    plugin.set_auto_wrap_policy(model)
+    if plugin.activation_checkpointing:  # wraps the layers, which must happen before sharding
+        model = fsdp2_apply_ac(accelerator, model)
+        plugin.activation_checkpointing = False  # done: `prepare` would wrap them a second time
+    return fsdp2_prepare_model(accelerator, model)
+
+
+def init_device(accelerator: Accelerator) -> torch.device:
+    """Where a preset's parameters are materialised: the device, or the CPU under FSDP offload."""
+    from torch.distributed.fsdp import CPUOffloadPolicy
+
+    plugin = accelerator.state.fsdp_plugin if accelerator.distributed_type == DistributedType.FSDP else None
+    return torch.device("cpu") if plugin and isinstance(plugin.cpu_offload, CPUOffloadPolicy) else accelerator.device
+
+
+@contextmanager
+def whole_parameter(param: torch.nn.Parameter):
+    """The whole of `param`, to write its initial values into, whoever holds which part of it
+    (see model.initialize_weights): None on a rank that need not write."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if hasattr(param, "ds_id"):  # ZeRO-3: gathered; rank 0 writes, DeepSpeed re-partitions on exit
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+            yield param.data if torch.distributed.get_rank() == 0 else None
+    elif isinstance(param, DTensor):  # FSDP: every rank draws the same whole and keeps its shard
+        whole = torch.empty(param.shape, dtype=param.dtype, device=param.to_local().device)
+        yield whole
+        # src_data_rank=None: no broadcast, each rank slices its own (identical) copy
+        shard = distribute_tensor(whole, param.device_mesh, param.placements, src_data_rank=None)
+        param.to_local().copy_(shard.to_local())
+    else:
+        yield param.data
 
 
 def json_scheduler(accelerator: Accelerator) -> bool:

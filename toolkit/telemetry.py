@@ -243,6 +243,7 @@ class Telemetry:
         self.step_start = self.window_time = 0.0
         self.started = time.perf_counter()
         self.totals = {"input_tokens": 0.0, "padded_tokens": 0.0, "flops": 0.0, "seconds": 0.0, "peak_mem_gb": 0.0}
+        self.peak_per_rank = [0.0] * accelerator.num_processes  # in training, GB
         self.evals: list[dict] = []
         self._start_trackers(cfg, start_step)
 
@@ -292,6 +293,7 @@ class Telemetry:
         for key, value in (("input_tokens", real), ("padded_tokens", padded), ("flops", flops), ("seconds", seconds)):
             self.totals[key] += value
         self.totals["peak_mem_gb"] = max(self.totals["peak_mem_gb"], mem_max)
+        self.peak_per_rank = [max(a, b) for a, b in zip(self.peak_per_rank, ranks[:, 3].tolist())]
         return {"input_tokens": int(real), "tokens_per_s": round(real / seconds, 1),
                 "padded_tokens_per_s": round(padded / seconds, 1),
                 "mfu": _significant(flops / seconds / self.peak_flops) if self.peak_flops else None,
@@ -348,6 +350,7 @@ class Telemetry:
             "best_eval_perplexity": best["eval_perplexity"] if best else None,
             "best_eval_step": best["step"] if best else None,
             "peak_mem_gb": round(max(t["peak_mem_gb"], peak_memory_gb()), 3),
+            "peak_mem_gb_per_rank": [round(v, 3) for v in self.peak_per_rank],
         }
 
 
@@ -412,7 +415,49 @@ def _significant(value: float, digits: int = 4) -> float:
 
 
 def peak_memory_gb() -> float:
-    """Peak accelerator memory of this process, or its peak resident memory on CPU."""
+    """Peak accelerator memory of this process, or its peak resident memory on CPU, since the
+    last `reset_peak_memory` (MemoryAtStart resets it as training begins)."""
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+def reset_peak_memory() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+        return
+    try:  # Linux: "5" resets the process's peak resident set size (VmHWM, getrusage's ru_maxrss)
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass  # then each peak counts from the start of the process
+
+
+class MemoryAtStart:
+    """What each rank holds before training, phase by phase: the peak while the model is built
+    and placed (the whole model on every rank, unless the strategy builds it sharded), then the
+    peak through `prepare` (optimizer state, buffers) until the first step. From then on
+    `peak_memory_gb` counts the training alone."""
+
+    def __init__(self):
+        self.phases = {"before_model": memory_now_gb()}
+        reset_peak_memory()
+
+    def mark(self, phase: str) -> None:
+        self.phases[phase] = peak_memory_gb()
+        reset_peak_memory()
+
+    def per_rank(self, accelerator) -> dict:
+        """All ranks: {phase: [GB of rank 0, rank 1, ...]}."""
+        mine = torch.tensor(list(self.phases.values()), dtype=torch.float64, device=accelerator.device)
+        ranks = accelerator.gather(mine).view(accelerator.num_processes, -1).cpu()
+        return {phase: [round(v, 3) for v in ranks[:, i].tolist()] for i, phase in enumerate(self.phases)}
+
+
+def memory_now_gb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.memory_allocated() / 2**30
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:  # not Linux
+        return peak_memory_gb()
+    return int(status.split("VmRSS:")[1].split()[0]) / 2**20  # kB

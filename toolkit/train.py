@@ -58,7 +58,7 @@ def run(cfg: RunConfig, accelerator, stop) -> None:
 
     from . import checkpoint, data, job, strategy, telemetry
     from .loss import fuse_head_and_loss
-    from .model import apply_lora, build_model, build_tokenizer, model_config
+    from .model import apply_lora, build_model, build_tokenizer, initialize_weights, is_preset, model_config
     from .optim import build_optimizer, build_scheduler
 
     out = Path(cfg.output_dir)
@@ -68,7 +68,7 @@ def run(cfg: RunConfig, accelerator, stop) -> None:
     if resume_from is not None:  # refuse a checkpoint that would train something else before any work
         state = checkpoint.check_resume(resume_from, cfg, accelerator.num_processes,
                                         strategy.checkpoint_layout(accelerator))
-    set_seed(cfg.train.seed)  # the same initial weights on every rank
+    set_seed(cfg.train.seed)  # dropout, and peft's LoRA init on a loaded checkpoint, alike on every rank
     with job.main_process_first(accelerator):  # rank 0 builds tokenizer and data caches, the others reuse them
         raw_train, raw_eval = data.load_raw(cfg.data, cfg.train.seed)
         fmt = data.detect_format(raw_train, cfg.data)
@@ -80,15 +80,20 @@ def run(cfg: RunConfig, accelerator, stop) -> None:
         train_set = data.tokenize_for_training(raw_train, tokenizer, cfg.data, fmt)
         eval_set = data.tokenize_for_eval(raw_eval, tokenizer, cfg.data, fmt, max_length=max_positions)
 
+    memory = telemetry.MemoryAtStart()
     with job.stop_together(accelerator):
         model = build_model(cfg.model, tokenizer)  # all ranks at once: under ZeRO-3 building is collective
         if cfg.train.fused_loss:
             model = fuse_head_and_loss(model)
         if cfg.lora.enabled:
             model = apply_lora(model, cfg.lora)
-    checkpointing = None
-    if cfg.model.gradient_checkpointing:
-        checkpointing = strategy.enable_activation_checkpointing(accelerator, model)
+        checkpointing = None
+        if cfg.model.gradient_checkpointing:
+            checkpointing = strategy.enable_activation_checkpointing(accelerator, model)
+        model = strategy.shard_before_optimizer(accelerator, model)
+        if is_preset(cfg.model.name_or_path):
+            initialize_weights(model, cfg.train.seed, strategy.init_device(accelerator), strategy.whole_parameter)
+    memory.mark("model_built")
     max_steps = count_steps(cfg, len(train_set), accelerator.num_processes)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, max_steps, json_scheduler=strategy.json_scheduler(accelerator))
@@ -107,6 +112,10 @@ def run(cfg: RunConfig, accelerator, stop) -> None:
     if resume_from is not None:
         checkpoint.resume(accelerator, resume_from)  # all ranks
         accelerator.print(f"resumed from {resume_from} at step {state['step']}")
+    if cpu:
+        strategy.release_freed_memory()
+    memory.mark("prepared")
+    cfg.runtime["memory_at_start_gb"] = memory.per_rank(accelerator)  # all ranks
     with job.stop_together(accelerator):
         if accelerator.is_main_process:
             if resume_from is not None:
@@ -115,8 +124,6 @@ def run(cfg: RunConfig, accelerator, stop) -> None:
             config_lib.save(cfg, out / "config.yaml")
             telemetry.trim_metrics(out / "metrics.jsonl", state["step"])  # steps after the checkpoint are redone
 
-    if cpu:
-        strategy.release_freed_memory()
     finished = train(cfg, accelerator, model, optimizer, scheduler, train_loader, eval_loader, state, max_steps,
                      stop, resume_from)
     if finished:

@@ -1,0 +1,191 @@
+"""Capacity: the largest OPT shape each strategy trains on this machine, and what each rank holds.
+
+    python benchmarks/capacity.py --json benchmarks/capacity.json --results benchmarks/RESULTS.md
+
+For each strategy, shapes are tried from the smallest up (random-opt-125m, 350m, 1.3b, 2.7b,
+6.7b) until one fails: 2 optimizer steps, 2 processes, micro batch 1 x 128 tokens, fp32 AdamW
+(or 8-bit AdamW where named). Each candidate is its own `accelerate launch`, watched from here:
+when the processes' resident memory together passes --memory-limit-gb (or a time limit passes),
+the candidate is killed and recorded as failed, so an out-of-memory run ends the candidate, not
+the machine. Each rank's peak resident memory at start (building, then `prepare`) and in
+training comes from the run's own records (config.yaml runtime, summary.json), and is set
+against the ZeRO formula: 16 bytes per parameter (4 weight + 4 gradient + 8 Adam moments in
+fp32, as 2 + 2 + 12 in mixed precision) split as the strategy splits it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+SHAPES = ["random-opt-125m", "random-opt-350m", "random-opt-1.3b", "random-opt-2.7b", "random-opt-6.7b"]
+# name: (accelerate config, run overrides, model-state bytes per parameter held in memory by each
+# of N ranks, as a function of N). Offload to "CPU" is no saving on a machine whose device is the CPU.
+CANDIDATES = {
+    "ddp": ("ddp", [], lambda n: 16),
+    "fsdp": ("fsdp", [], lambda n: 16 / n),
+    "zero3": ("zero3", [], lambda n: 16 / n),
+    "zero3 + adamw_8bit": ("zero3", ["optim.name=adamw_8bit"], lambda n: (4 + 4 + 2) / n),
+    "zero3_offload": ("zero3_offload", [], lambda n: 16 / n),
+    "zero3_nvme": ("zero3_nvme", [], lambda n: 4 / n),  # gradients in memory; weights and Adam on disk
+}
+PROCESSES = 2
+
+
+def prepare(work: Path) -> tuple[Path, Path]:
+    """Training text and its tokenizer (trained once: every candidate copies it)."""
+    from toolkit.demo_data import stdlib_docs
+    from toolkit.model import PRESETS, train_bpe_tokenizer
+
+    docs = [d for _, d in zip(range(1000), stdlib_docs())]
+    text = work / "text.jsonl"
+    text.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    tokenizer = work / "tokenizer"
+    train_bpe_tokenizer((d["text"] for d in docs), PRESETS[SHAPES[0]]["vocab_size"]).save_pretrained(tokenizer)
+    return text, tokenizer
+
+
+def run_candidate(name: str, shape: str, work: Path, text: Path, tokenizer: Path, limit_gb: float,
+                  timeout_s: float) -> dict:
+    config, overrides, _ = CANDIDATES[name]
+    out = work / f"{name.replace(' + ', '-')}-{shape}"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    shutil.copytree(tokenizer, out / "tokenizer")
+    args = [f"model.name_or_path={shape}", f"data.train={text}", "data.block_size=128", "data.eval_fraction=0.01",
+            "train.micro_batch_size=1", "train.max_steps=2", "train.seed=1", "optim.scheduler=constant",
+            "optim.warmup_steps=0", "eval.every=0", "eval.max_batches=1", "eval.micro_batch_size=1",
+            "checkpoint.every=0", "train.report_to=none", f"output_dir={out}", *overrides]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(ROOT / "accelerate_configs" / f"{config}.yaml"), "--num_processes", str(PROCESSES),
+           "--mixed_precision", "no", "-m", "toolkit.train", *args]
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+               PYTHONPATH=str(ROOT))
+    started = time.time()
+    with (out / "launch.log").open("w") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        watch = Watchdog(proc, limit_gb, timeout_s)
+        returncode = proc.wait()
+        watch.stop()
+    result = {"strategy": name, "shape": shape, "seconds": round(time.time() - started),
+              "max_total_rss_gb": round(watch.max_total_gb, 2)}
+    if watch.verdict or returncode:
+        tail = (out / "launch.log").read_text(errors="replace").strip().splitlines()[-3:]
+        return {**result, "trains": False, "why": watch.verdict or f"exit {returncode}: {' | '.join(tail)[-300:]}"}
+    import yaml
+
+    runtime = yaml.safe_load((out / "config.yaml").read_text())["runtime"]
+    summary = json.loads((out / "summary.json").read_text())
+    start = runtime["memory_at_start_gb"]
+    params = runtime["params_numel"]
+    shutil.rmtree(out, ignore_errors=True)  # checkpoints and swap files of big models fill the disk
+    return {**result, "trains": True, "params": params,
+            "start_peak_gb": [max(a, b) for a, b in zip(start["model_built"], start["prepared"])],
+            "before_model_gb": start["before_model"], "model_built_gb": start["model_built"],
+            "training_peak_gb": summary["peak_mem_gb_per_rank"],
+            "formula_gb": round(params * CANDIDATES[name][2](PROCESSES) / 2**30, 2)}
+
+
+class Watchdog:
+    """Kills the candidate's process group when its resident memory or its time passes the limit."""
+
+    def __init__(self, proc: subprocess.Popen, limit_gb: float, timeout_s: float):
+        self.proc, self.limit, self.deadline = proc, limit_gb, time.time() + timeout_s
+        self.verdict, self.max_total_gb, self.done = None, 0.0, threading.Event()
+        threading.Thread(target=self._watch, daemon=True).start()
+
+    def _watch(self) -> None:
+        while not self.done.wait(0.2):
+            try:
+                procs = [psutil.Process(self.proc.pid), *psutil.Process(self.proc.pid).children(recursive=True)]
+                total = sum(p.memory_info().rss for p in procs) / 2**30
+            except psutil.Error:
+                continue
+            self.max_total_gb = max(self.max_total_gb, total)
+            if total > self.limit or time.time() > self.deadline:
+                self.verdict = (f"out of memory: {total:.1f} GB resident > limit {self.limit} GB" if total > self.limit
+                                else "time limit")
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                return
+
+    def stop(self) -> None:
+        self.done.set()
+
+
+def capacity(names: list[str], shapes: list[str], work: Path, limit_gb: float, timeout_s: float) -> list[dict]:
+    text, tokenizer = prepare(work)
+    rows = []
+    for name in names:
+        for shape in shapes:
+            row = run_candidate(name, shape, work, text, tokenizer, limit_gb, timeout_s)
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+            if not row["trains"]:
+                break
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| strategy | shape | trains | params | formula GB/rank | peak at start GB (rank 0, 1) | "
+             "peak in training GB (rank 0, 1) | seconds |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["trains"]:
+            lines.append(f"| {r['strategy']} | {r['shape']} | yes | {r['params'] / 1e6:,.0f}M | {r['formula_gb']} | "
+                         f"{', '.join(f'{v:.2f}' for v in r['start_peak_gb'])} | "
+                         f"{', '.join(f'{v:.2f}' for v in r['training_peak_gb'])} | {r['seconds']} |")
+        else:
+            lines.append(f"| {r['strategy']} | {r['shape']} | **no**: {r['why']} | | | | | {r['seconds']} |")
+    return "\n".join(lines)
+
+
+def largest(rows: list[dict]) -> dict:
+    best = {}
+    for r in rows:
+        if r["trains"]:
+            best[r["strategy"]] = r["shape"]
+    return best
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--strategies", nargs="*", default=list(CANDIDATES), choices=list(CANDIDATES))
+    parser.add_argument("--shapes", nargs="*", default=SHAPES, choices=SHAPES)
+    parser.add_argument("--memory-limit-gb", type=float,
+                        default=round(psutil.virtual_memory().total / 2**30 * 0.92, 1))
+    parser.add_argument("--timeout-min", type=float, default=40, help="per candidate")
+    parser.add_argument("--work", type=Path, help="scratch directory, also for the NVMe swap files "
+                                                   "(default: a temporary one)")
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--results", type=Path, help="markdown file whose capacity section is rewritten")
+    args = parser.parse_args(argv)
+    work = args.work or Path(tempfile.mkdtemp(prefix="toolkit-capacity-"))
+    started = time.time()
+    rows = capacity(args.strategies, args.shapes, work, args.memory_limit_gb, args.timeout_min * 60)
+    from run import machine
+
+    result = {"rows": rows, "largest": largest(rows), "memory_limit_gb": args.memory_limit_gb,
+              "machine": f"{machine()}, {psutil.virtual_memory().total / 2**30:.0f} GiB",
+              "seconds": round(time.time() - started), "command": " ".join([Path(sys.executable).name, *sys.argv])}
+    print(table(rows))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    if args.results:
+        from report import write_capacity_section
+        write_capacity_section(result, table(rows), args.results)
+
+
+if __name__ == "__main__":
+    main()
