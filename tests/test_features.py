@@ -178,16 +178,16 @@ def test_lora_trains_only_adapters_and_exports_them_under_sharding(config, text_
     assert json.loads((out / "final" / "adapter_config.json").read_text())["r"] == 4
 
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, OPTConfig, OPTForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from toolkit.config import ModelConfig
+    from toolkit.model import initial_model
 
     merged = AutoModelForCausalLM.from_pretrained(out / "final" / "merged")
     ids = torch.randint(4, 2048, (2, 32), generator=torch.Generator().manual_seed(0))
     # base weights never change under LoRA, so the initial model (same seed) plus the adapter
     # must reproduce the merged model
-    torch.manual_seed(7)
-    from toolkit.model import PRESETS
-    base = OPTForCausalLM(OPTConfig(**{**PRESETS["tiny-opt"], "pad_token_id": 1, "bos_token_id": 2,
-                                       "eos_token_id": 2}))
+    base = initial_model(ModelConfig(name_or_path="tiny-opt"), AutoTokenizer.from_pretrained(out / "final"), seed=7)
     with_adapter = PeftModel.from_pretrained(base, out / "final")
     torch.testing.assert_close(with_adapter(input_ids=ids).logits, merged(input_ids=ids).logits,
                                rtol=1e-4, atol=1e-4)

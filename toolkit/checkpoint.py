@@ -164,14 +164,14 @@ def set_aside_newer(path: Path, output_dir: str | Path) -> list[Path]:
 
 def run_model(step_dir: Path):
     """(untrained model, tokenizer, run config) as the run that wrote `step_dir` built them."""
-    from .model import apply_lora, build_model, build_tokenizer
+    from .model import apply_lora, build_tokenizer, initial_model
 
     if not (step_dir / STATE_FILE).is_file() or not (step_dir / "config.yaml").is_file():
         raise UserError(f"{step_dir} is not a complete toolkit checkpoint (no {STATE_FILE} or config.yaml)")
     cfg = config_lib.load(step_dir / "config.yaml")
     # Presets keep their trained tokenizer in runs/x/tokenizer/; hub models load theirs by id.
     tokenizer = build_tokenizer(cfg.model, cache_dir=step_dir.parent.parent / "tokenizer")
-    model = build_model(cfg.model, tokenizer)
+    model = initial_model(cfg.model, tokenizer, cfg.train.seed)
     if cfg.lora.enabled:
         model = apply_lora(model, cfg.lora)
     return model, tokenizer, cfg

@@ -24,7 +24,7 @@ from . import checkpoint as checkpoint_lib, config as config_lib, data, job, str
 from .config import DataConfig, ModelConfig, RunConfig, UserError, run_cli
 from .data import IGNORE
 from .files import replaced_file, write_text
-from .model import build_model, is_preset
+from .model import build_model, initial_model
 from .telemetry import quiet_known_noise
 from .validation import evaluate_model
 
@@ -156,18 +156,16 @@ def load_target(accelerator, target: Target, base: str | None):
 
 
 def adapter_model(target: Target, tokenizer, base: str | None):
-    from accelerate.utils import set_seed
     from peft import PeftModel
 
     adapter = json.loads((target.path / "adapter_config.json").read_text())
     base = base or adapter.get("base_model_name_or_path") or (target.run and target.run.model.name_or_path)
     if not base:
         raise UserError(f"adapter {target.path} does not name its base model: pass --base MODEL")
-    if is_preset(base):
-        # A preset base is random-init and not saved with the adapter: training built it right
-        # after set_seed(train.seed), so the same seed rebuilds the very same weights.
-        set_seed(target.run.train.seed if target.run else RunConfig().train.seed)
-    model = build_model(ModelConfig(name_or_path=base), tokenizer)
+    # A preset base is random-init and not saved with the adapter: the run's seed rebuilds the
+    # very same weights (model.initialize_weights).
+    seed = target.run.train.seed if target.run else RunConfig().train.seed
+    model = initial_model(ModelConfig(name_or_path=base), tokenizer, seed)
     try:
         return PeftModel.from_pretrained(model, target.path)
     except RuntimeError as e:  # size mismatch: not the base it was trained on

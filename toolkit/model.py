@@ -7,6 +7,7 @@ training text, with OPT's conventions (`</s>` is BOS and EOS, `<pad>` pads).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import os
@@ -143,7 +144,20 @@ def build_model(cfg: ModelConfig, tokenizer) -> OPTForCausalLM:
                                           dtype=torch.float32, use_safetensors=None)
 
 
-def initialize_weights(model: torch.nn.Module, seed: int, device: torch.device, whole_parameter) -> None:
+def initial_model(cfg: ModelConfig, tokenizer, seed: int) -> OPTForCausalLM:
+    """In one process, whole: the model a run with this seed starts from (evaluation of a LoRA
+    adapter on a preset, the skeleton an exported checkpoint is loaded into)."""
+    model = build_model(cfg, tokenizer)
+    if is_preset(cfg.name_or_path):
+        initialize_weights(model, seed, torch.device("cpu"))
+    return model
+
+
+def _in_place(param: torch.nn.Parameter):
+    return contextlib.nullcontext(param.data)
+
+
+def initialize_weights(model: torch.nn.Module, seed: int, device: torch.device, whole_parameter=_in_place) -> None:
     """Give a preset its initial weights, the same under every strategy: each parameter is drawn
     from its own generator, seeded by the run's seed and the parameter's name, so the values do
     not depend on which rank holds which part, nor on how many ranks there are. The rules are
