@@ -20,3 +20,24 @@ def test_the_speed_section_is_replaced_not_appended(tmp_path):
     assert text.count(BEGIN) == text.count(END) == 1 and "Memory tables stay." in text
     assert f"| `throughput_vs_trainer` | {results['throughput_vs_trainer']:.3f} |" in text
     assert (tmp_path / "throughput.png").stat().st_size > 1000
+
+
+def test_the_capacity_section_lists_each_candidate_and_is_replaced_not_appended(tmp_path):
+    from capacity import largest, table
+    from report import write_capacity_section
+
+    fits = {"strategy": "zero3", "shape": "random-opt-125m", "trains": True, "params": 125_239_296, "seconds": 70,
+            "formula_gb": 0.93, "start_peak_gb": [1.51, 1.52], "training_peak_gb": [1.96, 1.97]}
+    fails = {"strategy": "zero3", "shape": "random-opt-350m", "trains": False, "seconds": 9,
+             "why": "out of memory: 23.0 GB resident > limit 22.0 GB"}
+    result = {"rows": [fits, fails], "largest": largest([fits, fails]), "memory_limit_gb": 22.0, "machine": "m",
+              "seconds": 79, "command": "python benchmarks/capacity.py"}
+    results_md = tmp_path / "RESULTS.md"
+    results_md.write_text("# Benchmarks\n\nSpeed tables stay.\n")
+    for _ in range(2):
+        write_capacity_section(result, table(result["rows"]), results_md)
+    text = results_md.read_text()
+    assert text.count("capacity:begin") == text.count("capacity:end") == 1 and "Speed tables stay." in text
+    assert "Largest that trains: zero3 125m." in text
+    assert "| zero3 | random-opt-125m | yes | 125M | 0.93 | 1.51, 1.52 | 1.96, 1.97 | 70 |" in text
+    assert "| zero3 | random-opt-350m | **no**: out of memory" in text

@@ -7,7 +7,6 @@ training text, with OPT's conventions (`</s>` is BOS and EOS, `<pad>` pads).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import math
 import os
@@ -153,19 +152,18 @@ def initial_model(cfg: ModelConfig, tokenizer, seed: int) -> OPTForCausalLM:
     return model
 
 
-def _in_place(param: torch.nn.Parameter):
-    return contextlib.nullcontext(param.data)
-
-
-def initialize_weights(model: torch.nn.Module, seed: int, device: torch.device, whole_parameter=_in_place) -> None:
+def initialize_weights(model: torch.nn.Module, seed: int, device: torch.device, whole_parameter=None) -> None:
     """Give a preset its initial weights, the same under every strategy: each parameter is drawn
     from its own generator, seeded by the run's seed and the parameter's name, so the values do
     not depend on which rank holds which part, nor on how many ranks there are. The rules are
     OPT's (transformers' `_init_weights`) and peft's LoRA defaults.
 
-    `whole_parameter(param)` is the strategy's context manager that hands out the whole parameter
-    to write into (None on ranks that need not) and keeps this rank's part of it afterwards;
-    parameters are visited one at a time, so the largest one bounds the memory this takes."""
+    `whole_parameter(param)` (default: the strategy's) is a context manager that hands out the
+    whole parameter to write into (None on ranks that need not) and keeps this rank's part of it
+    afterwards; parameters are visited one at a time, so the largest one bounds the memory this
+    takes."""
+    if whole_parameter is None:
+        from .strategy import whole_parameter
     if any(p.is_meta for p in model.parameters()):
         model.to_empty(device=device)
         model.tie_weights()  # to_empty gives the tied lm_head and embedding a tensor each

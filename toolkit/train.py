@@ -92,7 +92,7 @@ def run(cfg: RunConfig, accelerator, stop) -> None:
             checkpointing = strategy.enable_activation_checkpointing(accelerator, model)
         model = strategy.shard_before_optimizer(accelerator, model)
         if is_preset(cfg.model.name_or_path):
-            initialize_weights(model, cfg.train.seed, strategy.init_device(accelerator), strategy.whole_parameter)
+            initialize_weights(model, cfg.train.seed, strategy.init_device(accelerator))
     memory.mark("model_built")
     max_steps = count_steps(cfg, len(train_set), accelerator.num_processes)
     optimizer = build_optimizer(model, cfg.optim)
