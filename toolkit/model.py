@@ -144,8 +144,8 @@ def build_model(cfg: ModelConfig, tokenizer) -> OPTForCausalLM:
 
 
 def initial_model(cfg: ModelConfig, tokenizer, seed: int) -> OPTForCausalLM:
-    """In one process, whole: the model a run with this seed starts from (evaluation of a LoRA
-    adapter on a preset, the skeleton an exported checkpoint is loaded into)."""
+    """The model a run with this seed starts from, placed as `build_model` places it (evaluation
+    of a LoRA adapter on a preset base, the skeleton a checkpoint is loaded into)."""
     model = build_model(cfg, tokenizer)
     if is_preset(cfg.name_or_path):
         initialize_weights(model, seed, torch.device("cpu"))
