@@ -89,6 +89,9 @@ def test_config_trains_resumes_and_exports_like_ddp(name, ddp_run, text_data, tm
     assert ours[-1]["optim_state_numel"] <= 0.55 * ddp_state
     if info.get("zero_stage", 3) == 3:
         assert info["params_local_numel"] <= 0.55 * info["params_numel"]
+    if info.get("zero_stage") == 3 and info["offload_optimizer"] == "none":
+        # fp32 parameters are their own masters: no second fp32 copy of the shard
+        assert info["zero3_fp32_masters"] == "the parameters"
 
     # the final export and an export of the step-4 checkpoint (toolkit.export) both equal DDP's weights
     step_4 = ["--checkpoint", str(out / "checkpoints" / "step-000004"), "--out", str(tmp_path / "exported")]
@@ -262,3 +265,16 @@ def test_deepspeed_json_that_contradicts_the_run_config_is_refused(tmp_path, mon
     path.write_text(json.dumps({"gradient_accumulation_steps": "auto", "zero_optimization": {"stage": 3}}))
     strategy.fill_deepspeed_config(plugin, RunConfig(), num_processes=2)
     assert plugin.deepspeed_config["train_batch_size"] == 16 and plugin.deepspeed_config["gradient_clipping"] == 1.0
+
+
+def test_zero3_working_set_auto_is_two_decoder_layers(tmp_path, monkeypatch):
+    """"auto" in a ZeRO-3 JSON: gathered parameters are kept and prefetched up to two decoder
+    layers of the run's model (DeepSpeed's own default, 1e9, is all of a model below 1B)."""
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
+    zero = {"stage": 3, "stage3_max_live_parameters": "auto", "stage3_max_reuse_distance": 5}
+    plugin = SimpleNamespace(deepspeed_config={"zero_optimization": zero})
+    cfg = RunConfig()
+    cfg.model.name_or_path = "random-opt-350m"
+    strategy.fill_deepspeed_config(plugin, cfg, num_processes=2)
+    layer = 4 * 1024**2 + 2 * 1024 * 4096  # q, k, v, out_proj + fc1, fc2 of opt-350m
+    assert zero["stage3_max_live_parameters"] == 2 * layer and zero["stage3_max_reuse_distance"] == 5

@@ -119,6 +119,20 @@ def model_config(cfg: ModelConfig, tokenizer) -> OPTConfig:
     return config
 
 
+def layer_numel(cfg: ModelConfig) -> int:
+    """Parameters of one decoder layer (attention 4h² + feed-forward 2·h·ffn, biases aside), read
+    from the preset or the model's config.json, before anything is built."""
+    if is_preset(cfg.name_or_path):
+        hidden, ffn = PRESETS[cfg.name_or_path]["hidden_size"], PRESETS[cfg.name_or_path]["ffn_dim"]
+    else:
+        try:
+            config = AutoConfig.from_pretrained(cfg.name_or_path, revision=cfg.revision)
+        except (OSError, ValueError) as e:
+            raise check_source(cfg.name_or_path, e) from None
+        hidden, ffn = config.hidden_size, config.ffn_dim
+    return 4 * hidden * hidden + 2 * hidden * ffn
+
+
 def build_model(cfg: ModelConfig, tokenizer) -> OPTForCausalLM:
     """Always fp32 weights: mixed precision is the strategy's job (autocast, DeepSpeed or FSDP
     policy), and so is activation checkpointing (strategy.enable_activation_checkpointing).
