@@ -125,17 +125,16 @@ class Watchdog:
         self.done.set()
 
 
-def capacity(names: list[str], shapes: list[str], work: Path, limit_gb: float, timeout_s: float) -> list[dict]:
+def capacity(names: list[str], shapes: list[str], work: Path, limit_gb: float, timeout_s: float):
+    """Yields each candidate's row as it ends: per strategy, shapes ascending until one fails."""
     text, tokenizer = prepare(work)
-    rows = []
     for name in names:
         for shape in shapes:
             row = run_candidate(name, shape, work, text, tokenizer, limit_gb, timeout_s)
             print(json.dumps(row), flush=True)
-            rows.append(row)
+            yield row
             if not row["trains"]:
                 break
-    return rows
 
 
 def table(rows: list[dict]) -> str:
@@ -172,19 +171,24 @@ def main(argv=None) -> None:
     parser.add_argument("--results", type=Path, help="markdown file whose capacity section is rewritten")
     args = parser.parse_args(argv)
     work = args.work or Path(tempfile.mkdtemp(prefix="toolkit-capacity-"))
+    work.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    rows = capacity(args.strategies, args.shapes, work, args.memory_limit_gb, args.timeout_min * 60)
     from run import machine
 
-    result = {"rows": rows, "largest": largest(rows), "memory_limit_gb": args.memory_limit_gb,
-              "machine": f"{machine()}, {psutil.virtual_memory().total / 2**30:.0f} GiB",
-              "seconds": round(time.time() - started), "command": " ".join([Path(sys.executable).name, *sys.argv])}
+    rows = []
+    # The report is rewritten after every candidate: a run stopped early keeps what it measured.
+    for row in capacity(args.strategies, args.shapes, work, args.memory_limit_gb, args.timeout_min * 60):
+        rows.append(row)
+        result = {"rows": rows, "largest": largest(rows), "memory_limit_gb": args.memory_limit_gb,
+                  "machine": f"{machine()}, {psutil.virtual_memory().total / 2**30:.0f} GiB",
+                  "seconds": round(time.time() - started),
+                  "command": " ".join([Path(sys.executable).name, *sys.argv])}
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=2) + "\n")
+        if args.results:
+            from report import write_capacity_section
+            write_capacity_section(result, table(rows), args.results)
     print(table(rows))
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-    if args.results:
-        from report import write_capacity_section
-        write_capacity_section(result, table(rows), args.results)
 
 
 if __name__ == "__main__":

@@ -60,9 +60,20 @@ def write_capacity_section(r: dict, table: str, results_md: Path) -> None:
              "2 optimizer steps, fp32. Peaks are each rank's resident memory (VmHWM): at start = while the model "
              "is built and `prepare`d, in training = from the first step on. The formula is the model states a "
              "rank holds by the ZeRO accounting (16 bytes per parameter, split as the strategy splits them); the "
-             "rest is the process itself (about 0.45 GB of libraries), activations, gathered layers and buffers.", "",
-             f"Largest that trains: {largest}.", "", table, end]
+             "rest is the process itself (about 0.55 GB of libraries), activations, gathered layers and buffers.", "",
+             f"Largest that trains: {largest}.", "", *against_ddp(r["rows"]), table, end]
     replace_section(results_md, begin, end, "\n".join(lines))
+
+
+def against_ddp(rows: list[dict], shape: str = "random-opt-350m") -> list[str]:
+    """One line: each strategy's larger-rank peaks at `shape` over DDP's, at start and in training."""
+    peaks = {r["strategy"]: (max(r["start_peak_gb"]), max(r["training_peak_gb"]))
+             for r in rows if r["trains"] and r["shape"] == shape}
+    if "ddp" not in peaks:
+        return []
+    ratios = [f"{name} {start / peaks['ddp'][0]:.2f}x / {training / peaks['ddp'][1]:.2f}x"
+              for name, (start, training) in peaks.items() if name != "ddp"]
+    return [f"Per-rank peak against ddp at {shape} (at start / in training): {', '.join(ratios)}.", ""]
 
 
 def replace_section(results_md: Path, begin: str, end: str, section: str) -> None:

@@ -41,3 +41,17 @@ def test_the_capacity_section_lists_each_candidate_and_is_replaced_not_appended(
     assert "Largest that trains: zero3 125m." in text
     assert "| zero3 | random-opt-125m | yes | 125M | 0.93 | 1.51, 1.52 | 1.96, 1.97 | 70 |" in text
     assert "| zero3 | random-opt-350m | **no**: out of memory" in text
+
+
+def test_the_capacity_section_sets_each_strategy_against_ddp_at_350m():
+    from report import against_ddp
+
+    def row(name, start, training, shape="random-opt-350m"):
+        return {"strategy": name, "shape": shape, "trains": True, "start_peak_gb": start,
+                "training_peak_gb": training}
+
+    rows = [row("ddp", [3.4, 3.5], [6.0, 6.2]), row("zero3", [2.1, 2.0], [3.5, 3.4]),
+            row("fsdp", [9.0, 9.0], [9.0, 9.0], shape="random-opt-125m")]
+    assert against_ddp(rows)[0] == "Per-rank peak against ddp at random-opt-350m (at start / in training): " \
+                                   "zero3 0.60x / 0.56x."
+    assert against_ddp(rows[1:]) == []
