@@ -57,6 +57,12 @@ def fp32_runs(text_data, tmp_path_factory):
     return runs
 
 
+def deepspeed_has_fp16() -> bool:
+    from deepspeed.accelerator import get_accelerator
+
+    return bool(get_accelerator().is_fp16_supported())
+
+
 @pytest.mark.distributed
 @pytest.mark.parametrize("config", ["ddp", "zero2"])
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
@@ -64,8 +70,9 @@ def test_reduced_precision_really_runs(config, precision, fp32_runs, text_data, 
     """The matmuls really run in bf16/fp16 (the dtype a linear layer's output has in the first
     forward, recorded by the run), and the losses stay close to fp32: bf16 keeps ~3 significant
     digits and fp16 ~4 in the matmuls, so 4 steps stay within 1e-2 relative."""
-    if config == "zero2" and precision == "fp16" and not torch.cuda.is_available():
-        # DeepSpeed's CPU accelerator has no fp16: the run must refuse before any work
+    if config == "zero2" and precision == "fp16" and not deepspeed_has_fp16():
+        # DeepSpeed's accelerator here has no fp16 (on CPU: unless oneDNN has it, as on CPUs with
+        # AVX512-FP16): the run must refuse before any work
         proc = launch("toolkit.train", tiny_run(text_data, tmp_path), config=config,
                       extra=["--mixed_precision", precision], check=False)
         assert proc.returncode != 0 and "error: DeepSpeed's cpu accelerator has no fp16" in proc.stderr
