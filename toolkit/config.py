@@ -206,6 +206,24 @@ class LoraConfig:
 
 
 @dataclass
+class DdpConfig:
+    comm_hook: str = "none"
+    """none | bf16 | fp16 | powersgd: how DDP compresses gradients for its all-reduce. bf16/fp16 send them in
+    16 bits (half the bytes, averaged gradients rounded); powersgd sends a low-rank approximation of each
+    gradient matrix, with error feedback. DDP only (accelerate_configs/ddp.yaml)."""
+    powersgd_rank: int = 1
+    """Rank of PowerSGD's approximation of each gradient matrix: higher sends more, closer to the exact gradient."""
+    powersgd_start_step: int = 1000
+    """Optimizer steps of uncompressed all-reduce before PowerSGD starts (at least 2; torch's default 1000:
+    early gradients are the most sensitive to compression)."""
+    bucket_cap_mb: int = 25
+    """Megabytes of gradients per DDP all-reduce bucket: smaller ones start communicating earlier in backward,
+    larger ones make fewer calls."""
+    static_graph: bool = False
+    """Tell DDP that every step uses the same parameters in the same order, so it can skip re-checking them."""
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -214,6 +232,7 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    ddp: DdpConfig = field(default_factory=DdpConfig)
     resume: str = "none"
     """none | auto (newest checkpoint in output_dir, if any) | PATH to a checkpoint directory."""
     output_dir: str = "runs/default"
@@ -228,10 +247,11 @@ CHOICES = {
     "optim.scheduler": ("linear", "cosine", "constant"),
     "checkpoint.export_dtype": ("fp32", "bf16", "fp16"),
     "train.report_to": ("none", "tensorboard", "wandb", "all"),
+    "ddp.comm_hook": ("none", "bf16", "fp16", "powersgd"),
 }
 POSITIVE = ("data.block_size", "train.micro_batch_size", "train.grad_accum_steps", "train.log_every",
             "train.max_bad_steps", "train.collective_timeout",
-            "eval.micro_batch_size", "lora.r", "lora.alpha", "optim.lr")
+            "eval.micro_batch_size", "lora.r", "lora.alpha", "optim.lr", "ddp.powersgd_rank", "ddp.bucket_cap_mb")
 NON_NEGATIVE = ("train.max_steps", "train.epochs", "train.peak_tflops", "optim.weight_decay", "optim.warmup_steps",
                 "optim.max_grad_norm", "eval.every", "eval.max_batches", "checkpoint.every",
                 "checkpoint.keep_last", "lora.dropout")
@@ -386,6 +406,9 @@ def validate(cfg: RunConfig) -> None:
         raise UserError("dropout must be in [0, 1)")
     if cfg.lora.merge and not cfg.lora.enabled:
         raise UserError("lora.merge=true needs lora.enabled=true")
+    if cfg.ddp.powersgd_start_step < 2:
+        raise UserError(f"ddp.powersgd_start_step must be >= 2 (PowerSGD needs two uncompressed steps to start "
+                        f"from), got {cfg.ddp.powersgd_start_step}")
     if cfg.lora.enabled and not cfg.lora.target_modules:
         raise UserError("lora.target_modules is empty: name the modules to adapt, e.g. q_proj,v_proj")
 

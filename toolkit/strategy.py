@@ -14,7 +14,7 @@ import importlib.metadata
 import json
 import os
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -24,7 +24,7 @@ from accelerate.utils import (DistributedDataParallelKwargs, DistributedType, Gr
                                InitProcessGroupKwargs)
 
 from . import telemetry
-from .config import RunConfig, UserError
+from .config import DdpConfig, RunConfig, UserError
 from .optim import EIGHT_BIT, import_bitsandbytes
 
 # DDP's gradients live in its all-reduce buckets instead of being copied into them after backward:
@@ -121,6 +121,7 @@ def release_freed_memory() -> None:
 
 def make_accelerator(cfg: RunConfig) -> Accelerator:
     requested = Requested.from_env()
+    ddp = ddp_kwargs(cfg, requested.kind)  # refuses ddp.* keys where DDP does not run, before any process group
     on_cpu = not torch.cuda.is_available()
     # A dead or stalled rank ends every collective after this long, instead of torch's 30 minutes.
     timeout = timedelta(seconds=cfg.train.collective_timeout)
@@ -152,9 +153,9 @@ def make_accelerator(cfg: RunConfig) -> Accelerator:
             # ...and, for FSDP, let AcceleratorState see a multi-device type: it only turns on FSDP
             # for those, and replaces this value with DistributedType.FSDP as it does.
             PartialState._shared_state["distributed_type"] = DistributedType.MULTI_GPU
-        accelerator = Accelerator(cpu=True, kwargs_handlers=[DDP_KWARGS], **common)
+        accelerator = Accelerator(cpu=True, kwargs_handlers=[ddp], **common)
     else:
-        accelerator = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(timeout=timeout), DDP_KWARGS], **common)
+        accelerator = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(timeout=timeout), ddp], **common)
 
     if accelerator.distributed_type == DistributedType.FSDP and on_cpu:
         from torch.distributed.fsdp import CPUOffloadPolicy
@@ -193,6 +194,65 @@ def share_zero3_fp32_partitions() -> None:
 
     create_comparing_devices.compares_devices = True
     Stage3._create_fp32_partitions = create_comparing_devices
+
+
+def ddp_kwargs(cfg: RunConfig, kind: str) -> DistributedDataParallelKwargs:
+    """DDP_KWARGS with the run's DDP bucket size and static graph (its comm hook: register_comm_hook).
+    A `ddp.*` key set under another strategy (`kind`, as Requested names it) would silently do
+    nothing, so it is refused."""
+    default = DdpConfig()
+    changed = [f.name for f in fields(default) if getattr(cfg.ddp, f.name) != getattr(default, f.name)]
+    if changed and kind != "ddp":
+        running = {"fsdp": "FSDP", "deepspeed": "DeepSpeed", "single": "a single process"}.get(kind, kind)
+        raise UserError(f"ddp.{changed[0]} applies to DDP only; this launch runs {running}: remove it or use "
+                        "accelerate_configs/ddp.yaml")
+    return replace(DDP_KWARGS, bucket_cap_mb=cfg.ddp.bucket_cap_mb, static_graph=cfg.ddp.static_graph)
+
+
+def register_comm_hook(model, cfg: RunConfig) -> None:
+    """After `prepare`, under DDP: how gradients travel (ddp.comm_hook), before the first backward.
+
+    Registered here, not through accelerate's DistributedDataParallelKwargs.comm_hook, which hands
+    torch's hooks to DDP as they are: DDP refuses torch's bf16 hook without NCCL (gloo all-reduces
+    bf16 all the same), and PowerSGD chains its all-reduces in callbacks that gloo runs on its own
+    threads, so with several buckets in flight the ranks can issue them in different orders (gloo
+    stops with "Received data size doesn't match"); on gloo each bucket finishes before the next."""
+    if cfg.ddp.comm_hook == "none" or not isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
+
+    if cfg.ddp.comm_hook == "fp16":
+        model.register_comm_hook(None, default_hooks.fp16_compress_hook)
+    elif cfg.ddp.comm_hook == "bf16":
+        model.register_comm_hook(None, _bf16_all_reduce)
+    else:
+        state = powerSGD_hook.PowerSGDState(None, matrix_approximation_rank=cfg.ddp.powersgd_rank,
+                                            start_powerSGD_iter=cfg.ddp.powersgd_start_step)
+        hook = powerSGD_hook.powerSGD_hook
+        model.register_comm_hook(state, _one_bucket_at_a_time(hook) if torch.distributed.get_backend() == "gloo"
+                                 else hook)
+
+
+def _bf16_all_reduce(process_group, bucket):
+    """torch's bf16_compress_hook under another name (DDP checks the name): the bucket's gradients,
+    divided by the world size, all-reduced in bf16 and written back in their own dtype."""
+    group = process_group or torch.distributed.group.WORLD
+    buffer = bucket.buffer()
+    compressed = buffer.to(torch.bfloat16).div_(group.size())
+
+    def decompress(future):
+        return buffer.copy_(future.value()[0])
+
+    return torch.distributed.all_reduce(compressed, group=group, async_op=True).get_future().then(decompress)
+
+
+def _one_bucket_at_a_time(hook):
+    def finish_before_next_bucket(state, bucket):
+        future = hook(state, bucket)
+        future.wait()
+        return future
+
+    return finish_before_next_bucket
 
 
 def enable_cpu_fp16(accelerator: Accelerator) -> None:

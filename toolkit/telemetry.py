@@ -1,5 +1,5 @@
 """What a run reports: metrics.jsonl, trackers (TensorBoard, wandb), a progress bar, throughput,
-MFU and memory, and at the end a summary (printed, summary.json) and curves.png.
+MFU, memory and bytes communicated, and at the end a summary (printed, summary.json) and curves.png.
 
 Only the main process writes; every method of `Telemetry` is safe to call on every rank (and
 `throughput` must be: it is the one collective of a logged step).
@@ -24,6 +24,7 @@ from urllib.parse import urlparse
 import torch
 from tqdm.auto import tqdm
 
+from .comm import KINDS, CommMeter
 from .config import RunConfig, UserError, to_dict
 from .files import replaced_file, write_text
 
@@ -244,6 +245,10 @@ class Telemetry:
         self.started = time.perf_counter()
         self.totals = {"input_tokens": 0.0, "padded_tokens": 0.0, "flops": 0.0, "seconds": 0.0, "peak_mem_gb": 0.0}
         self.peak_per_rank = [0.0] * accelerator.num_processes  # in training, GB
+        # `with telemetry.comm:` around what the strategy communicates in (comm.py: what counts).
+        self.comm = CommMeter()
+        self.comm_steps = 0  # optimizer steps since the last logged one
+        self.comm_totals = dict.fromkeys(KINDS, 0)
         self.evals: list[dict] = []
         self._start_trackers(cfg, start_step)
 
@@ -277,6 +282,7 @@ class Telemetry:
     def advance(self, steps: int = 1) -> None:
         """After each optimizer step."""
         self.window_time += time.perf_counter() - self.step_start
+        self.comm_steps += steps
         self.bar.update(steps)
 
     def throughput(self) -> dict:
@@ -298,6 +304,18 @@ class Telemetry:
                 "padded_tokens_per_s": round(padded / seconds, 1),
                 "mfu": _significant(flops / seconds / self.peak_flops) if self.peak_flops else None,
                 "peak_mem_gb": round(ranks[0, 3].item(), 3), "peak_mem_gb_max": round(mem_max, 3)}
+
+    def communication(self) -> dict:
+        """At a logged step: the bytes this rank sent through the strategy's collectives since the
+        previous record, per optimizer step, in total and by kind (every kind, zeros included).
+        The same on every rank by comm.py's convention, so no collective is needed."""
+        sent = self.comm.take()
+        for kind, value in sent.items():
+            self.comm_totals[kind] += value
+        steps = max(self.comm_steps, 1)
+        self.comm_steps = 0
+        return {"comm_bytes": sum(sent.values()) // steps,
+                **{f"comm_bytes_{kind}": value // steps for kind, value in sent.items()}}
 
     def log(self, record: dict) -> None:
         if not self.is_main:
@@ -332,12 +350,13 @@ class Telemetry:
 
     def summary(self, records: list[dict]) -> dict:
         """The whole run's loss and evaluations (metrics.jsonl, across resumes); this session's
-        tokens, time and rates (a resumed run starts counting again)."""
+        tokens, time, rates and bytes sent (a resumed run starts counting again)."""
         train = [r for r in records if "loss" in r]
         evals = [r for r in records if "eval_perplexity" in r]
         best = min(evals, key=lambda r: r["eval_perplexity"], default=None)
         t = self.totals
         seconds = max(t["seconds"], 1e-9)
+        comm = {kind: value + self.comm.sent[kind] for kind, value in self.comm_totals.items()}  # + not yet logged
         return {
             "steps": train[-1]["step"] if train else 0, "max_steps": self.max_steps,
             "tokens": train[-1]["tokens"] if train else 0,  # target tokens trained on, as in metrics.jsonl
@@ -351,6 +370,9 @@ class Telemetry:
             "best_eval_step": best["step"] if best else None,
             "peak_mem_gb": round(max(t["peak_mem_gb"], peak_memory_gb()), 3),
             "peak_mem_gb_per_rank": [round(v, 3) for v in self.peak_per_rank],
+            # this session's bytes sent by this rank through the strategy's collectives (comm.py)
+            "comm_bytes": sum(comm.values()),
+            **{f"comm_bytes_{kind}": value for kind, value in comm.items()},
         }
 
 

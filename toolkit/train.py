@@ -102,6 +102,7 @@ def run(cfg: RunConfig, accelerator, stop) -> None:
 
     model, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(
         model, optimizer, train_loader, eval_loader, scheduler)
+    strategy.register_comm_hook(model, cfg)  # DDP: ddp.comm_hook
     cfg.runtime = strategy.verify(accelerator, model, optimizer, cfg)  # stop here if not what was asked
     cfg.runtime.update(**cpu, max_steps=max_steps, data_format=fmt, activation_checkpointing=checkpointing,
                        trainable_params=strategy.trainable_numel(model))
@@ -161,14 +162,17 @@ def train(cfg: RunConfig, accelerator, model, optimizer, scheduler, train_loader
         window_targets = accelerator.reduce(
             torch.tensor(sum(count_targets(b) for b in window), device=accelerator.device), "sum")
         step_loss = torch.zeros((), device=accelerator.device)
-        for batch in window:
-            with accelerator.accumulate(model):
-                loss = model(**batch, num_items_in_batch=window_targets).loss
-                step_loss += loss.detach()
-                # DDP/FSDP/DeepSpeed average gradients over ranks and accelerate/DeepSpeed divide the
-                # loss by the accumulation steps; both would turn our sum into a mean of means.
-                accelerator.backward(loss * accelerator.num_processes * accelerator.gradient_accumulation_steps)
-            telemetry.count_batch(batch)  # this rank's tokens; summed over ranks when the step is logged
+        # Bytes the strategy's collectives send are counted here: forward, backward, and DeepSpeed's
+        # step, which accelerator.backward runs; the loop's own small reductions are left out.
+        with telemetry.comm:
+            for batch in window:
+                with accelerator.accumulate(model):
+                    loss = model(**batch, num_items_in_batch=window_targets).loss
+                    step_loss += loss.detach()
+                    # DDP/FSDP/DeepSpeed average gradients over ranks and accelerate/DeepSpeed divide the
+                    # loss by the accumulation steps; both would turn our sum into a mean of means.
+                    accelerator.backward(loss * accelerator.num_processes * accelerator.gradient_accumulation_steps)
+                telemetry.count_batch(batch)  # this rank's tokens; summed over ranks when the step is logged
 
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm or math.inf)
         # The norm is global (the same on every rank), so every rank skips a non-finite step alike.
@@ -190,6 +194,7 @@ def train(cfg: RunConfig, accelerator, model, optimizer, scheduler, train_loader
             telemetry.log({"step": step, "loss": accelerator.reduce(step_loss, "sum").item(), "lr": lr,
                            "grad_norm": _item(grad_norm), "tokens": state["tokens"], "epoch": state["epoch"],
                            **compute_dtype, **strategy.step_stats(accelerator, optimizer), **telemetry.throughput(),
+                           **telemetry.communication(),
                            **({} if finite else {"skipped": True})})
         if bad_steps >= cfg.train.max_bad_steps:
             telemetry.close()
