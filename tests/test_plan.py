@@ -66,7 +66,10 @@ def test_opt13b_rows_follow_the_zero_paper(capsys):
     assert (states["zero3_offload"], by["zero3_offload"]["cpu_per_node_bytes"]) == pytest.approx((0, 18 * n))
     nvme = by["zero3_nvme"]  # the same bytes on disk; CPU keeps DeepSpeed's default pinned swap buffers
     assert (nvme["gpu_model_states_bytes"], nvme["nvme_per_node_bytes"]) == pytest.approx((0, 18 * n))
-    assert nvme["cpu_per_node_bytes"] == pytest.approx(8 * (4 * 4 * 10**9 + 5 * 10**8 * 2))
+    # per GPU: 4 pinned fp32 buffers of one optimizer sub-group (the JSON's sub_group_size) and 5
+    # 16-bit parameter buffers of 1e8 elements (DeepSpeed's defaults)
+    sub_group = json.loads((ROOT / "ds_configs" / "zero3_nvme.json").read_text())["zero_optimization"]["sub_group_size"]
+    assert nvme["cpu_per_node_bytes"] == pytest.approx(8 * (4 * 4 * sub_group + 5 * 10**8 * 2))
     layer = 12 * 5120**2 + 13 * 5120  # a decoder layer outweighs the embeddings in 13b
     assert by["zero3"]["gpu_buffers_bytes"] == 4 * layer and by["zero2"]["gpu_buffers_bytes"] == 0
     z3 = by["zero3"]
