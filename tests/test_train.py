@@ -95,12 +95,18 @@ def test_export_loads_with_plain_transformers_and_equals_the_single_run(single_r
             assert ddp[name].abs().max() <= 12 * 1e-3, name  # 12 steps at lr 1e-3, from zero
             continue
         # Summation order (two half-batch gradients all-reduced vs one batch, other thread
-        # counts) differs by ulps that Adam carries over 12 steps; measured 8e-4 at most, on
-        # weights of dying ReLU units. A wrong export (untrained or shuffled weights) is off by O(1).
-        assert (ddp[name] - a).norm() <= 5e-3 * a.norm(), name
+        # counts) differs by ulps that Adam carries over 12 steps; measured 8e-4 at most on
+        # matrices, on weights of dying ReLU units. Biases start at zero, so their norm is only
+        # the 12 steps' movement, of which Adam's normalised steps on near-zero gradient elements
+        # make noise a larger share (measured 9e-3 on a v_proj bias, on a CPU with other
+        # kernels). A wrong export (untrained: zero biases; shuffled weights) is off by O(1).
+        rtol = 2e-2 if name.endswith(".bias") else 5e-3
+        assert (ddp[name] - a).norm() <= rtol * a.norm(), (name, float((ddp[name] - a).norm() / a.norm()))
     ids = tokenizer("The module provides functions for working with files. Return the value", return_tensors="pt")
     logits = [m(**ids).logits for m in models]
-    torch.testing.assert_close(logits[1], logits[0], rtol=1e-3, atol=1e-3)  # measured 1.7e-4 at most
+    # the weights' noise above, through the network: measured 1.7e-4 at most on one CPU, 2.1e-3 on
+    # another (logits of a few units; a wrong export moves them by O(1))
+    torch.testing.assert_close(logits[1], logits[0], rtol=1e-3, atol=5e-3)
     assert torch.isfinite(models[1](**ids, labels=ids["input_ids"]).loss)
 
 
