@@ -17,7 +17,8 @@ from conftest import ACCELERATE_CONFIGS, ROOT, free_port, launch, metrics, runti
 from toolkit import export, strategy
 from toolkit.config import RunConfig, UserError
 
-CONFIGS = sorted(p.stem for p in ACCELERATE_CONFIGS.glob("*.yaml") if p.stem not in ("single", "ddp"))
+# hsdp runs on 4 processes (2 replicas x 2 shards): test_hsdp_trains_resumes_and_exports_like_ddp
+CONFIGS = sorted(p.stem for p in ACCELERATE_CONFIGS.glob("*.yaml") if p.stem not in ("single", "ddp", "hsdp"))
 # Clipping at 0.5 is active on every step (norms are ~1), so every strategy must clip the same way.
 ARGS = {"train.micro_batch_size": 2, "train.grad_accum_steps": 2, "checkpoint.keep_last": 0,
         "optim.max_grad_norm": 0.5}
@@ -102,6 +103,34 @@ def test_config_trains_resumes_and_exports_like_ddp(name, ddp_run, text_data, tm
         return
     export.main(step_4)
     assert_same_weights(ddp_run / "final", out / "final", tmp_path / "exported")
+
+
+@pytest.mark.distributed
+def test_hsdp_trains_resumes_and_exports_like_ddp(text_data, tmp_path):
+    """FSDP2 hybrid shard on 4 CPU processes (dp_replicate 2 x dp_shard 2, accelerate's parallelism_config):
+    every parameter lives on the 2-D mesh as (Replicate(), Shard(0)), holds half the model per rank,
+    and trains, resumes and exports like DDP on 4 processes with the same global batch."""
+    four = ["--mixed_precision", "no", "--num_processes", "4"]
+    ddp = tmp_path / "ddp4"
+    launch("toolkit.train", tiny_run(text_data, ddp, **ARGS), config="ddp", extra=four)
+    out = tmp_path / "hsdp"
+    for steps, resume in ((2, "none"), (4, "auto")):
+        launch("toolkit.train", tiny_run(text_data, out, **ARGS, **{"train.max_steps": steps, "checkpoint.every": 2,
+                                                                    "resume": resume}),
+               config="hsdp", extra=["--mixed_precision", "no"])
+
+    info = runtime(out)
+    assert info["num_processes"] == 4 and info["distributed_type"] == "FSDP"
+    assert info["fsdp_mesh"] == {"dp_replicate": 2, "dp_shard_cp": 2}
+    assert info["fsdp_placements"] == ["R", "S(0)"] and info["fsdp_mesh_backend"] == "gloo"
+    assert info["params_local_numel"] == info["params_numel"] // 2  # sharded over 2, not 4
+    ours, reference = metrics(out)[0], metrics(ddp)[0]
+    assert [r["step"] for r in ours] == [1, 2, 3, 4]
+    for a, b in zip(reference, ours):
+        assert b["loss"] == pytest.approx(a["loss"], rel=LOSS_RTOL), a["step"]
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-3), a["step"]
+    export.main(["--checkpoint", str(out / "checkpoints" / "step-000004"), "--out", str(tmp_path / "exported")])
+    assert_same_weights(ddp / "final", out / "final", tmp_path / "exported")
 
 
 def assert_drift_below_movement(ddp_run: Path, final: Path) -> None:

@@ -105,6 +105,7 @@ class Strategy:
     offload_optimizer: str = "none"  # none | cpu | nvme
     offload_param: str = "none"
     zero: dict | None = None  # the DeepSpeed JSON's zero_optimization section (NVMe buffer sizes)
+    dp_shard: int = 0  # FSDP2 hybrid shard (HSDP): ranks one copy is sharded over (0: all of them)
 
     def order(self) -> tuple:
         offload = 3 if "nvme" in (self.offload_optimizer, self.offload_param) else \
@@ -125,8 +126,10 @@ def read_strategy(path: Path) -> Strategy | None:
         reshard = fsdp.get("fsdp_reshard_after_forward", fsdp.get("fsdp_sharding_strategy", True))
         offload = "cpu" if str(fsdp.get("fsdp_offload_params", False)).lower() == "true" else "none"
         # FSDP's CPU offload keeps the sharded parameters, gradients and optimizer step all on CPU.
+        # HSDP (a parallelism_config section): each dp_replicate group holds a whole copy, sharded over dp_shard ranks.
+        dp_shard = int((cfg.get("parallelism_config") or {}).get("parallelism_config_dp_shard_size", 0) or 0)
         return Strategy(path.stem, "fsdp", 3 if str(reshard).upper() in ("TRUE", "FULL_SHARD", "1") else 2,
-                        offload, offload)
+                        offload, offload, dp_shard=dp_shard)
     if kind != "DEEPSPEED":
         return None
     ds = cfg.get("deepspeed_config") or {}
@@ -160,9 +163,10 @@ def estimate(s: Strategy, trained: int, frozen: int, unit: int, act: int, args) 
     host = {}  # bytes per rank moved off the GPU, by offload device
     if s.kind == "fsdp":
         gathered = 0 if s.stage == 3 else 2 * (trained + frozen)
-        gpu = (weights + grads + optim) / gpus + gathered
+        shards = min(s.dp_shard, gpus) if s.dp_shard else gpus
+        gpu = (weights + grads + optim) / shards + gathered
         if s.offload_param != "none":
-            gpu, host["cpu"] = gathered, (weights + grads + optim) / gpus
+            gpu, host["cpu"] = gathered, (weights + grads + optim) / shards
     else:
         part_w, part_g, part_o = (x / gpus if s.stage >= n else x for x, n in ((weights, 3), (grads, 2), (optim, 1)))
         gpu = part_w + part_g + part_o

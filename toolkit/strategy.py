@@ -507,6 +507,7 @@ def verify(accelerator: Accelerator, model, optimizer, cfg: RunConfig) -> dict:
         plugin = accelerator.state.fsdp_plugin
         info.update(fsdp_version=plugin.fsdp_version, reshard_after_forward=bool(plugin.reshard_after_forward),
                     offload_param=isinstance(plugin.cpu_offload, CPUOffloadPolicy))
+        info.update(fsdp_mesh(accelerator, model, fail))
     elif requested.kind == "ddp" and not isinstance(model, torch.nn.parallel.DistributedDataParallel):
         fail(f"accelerate runs {running.value} without DistributedDataParallel")
     if "mixed_precision" not in info:
@@ -517,6 +518,47 @@ def verify(accelerator: Accelerator, model, optimizer, cfg: RunConfig) -> dict:
                 global_batch_size=cfg.train.global_batch_size(accelerator.num_processes),
                 optimizer=type(innermost(optimizer)).__name__, versions=versions())
     return info
+
+
+def requested_mesh() -> dict[str, int]:
+    """The data-parallel mesh `accelerate launch` asked for through a `parallelism_config` section
+    (or --parallelism_config_* flags with --use_parallelism_config): {} when it asked for none."""
+    if not _env_flag("ACCELERATE_USE_PARALLELISM_CONFIG"):
+        return {}
+    return {dim: int(os.environ.get(f"PARALLELISM_CONFIG_{dim.upper()}_SIZE", "1"))
+            for dim in ("dp_replicate", "dp_shard", "tp", "cp", "sp")}
+
+
+def fsdp_mesh(accelerator: Accelerator, model, fail) -> dict:
+    """FSDP2: the mesh the parameters really live on, checked against the one asked for.
+
+    Plain FSDP shards every parameter over all ranks (one mesh dimension, Shard(0)); HSDP
+    (dp_replicate x dp_shard) keeps one copy per replica group and shards it within the group, so
+    every parameter is a DTensor on the 2-D mesh with placements (Replicate(), Shard(0))."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    asked = requested_mesh()
+    others = {dim: size for dim, size in asked.items() if dim not in ("dp_replicate", "dp_shard") and size > 1}
+    if others:
+        raise UserError(f"this toolkit runs FSDP2 with data parallelism only (dp_replicate x dp_shard); the accelerate "
+                        f"config asks for {others}: set those sizes to 1")
+    replicate, shard = asked.get("dp_replicate", 1), asked.get("dp_shard", 1)
+    if asked and replicate * shard != accelerator.num_processes:
+        fail(f"dp_replicate {replicate} x dp_shard {shard} is not the {accelerator.num_processes} processes")
+    if not asked:
+        replicate, shard = 1, accelerator.num_processes
+    expected_shape, expected_placements = ((replicate, shard), (Replicate(), Shard(0))) if replicate > 1 else \
+        ((shard,), (Shard(0),))
+    for name, param in model.named_parameters():
+        if not isinstance(param, DTensor):
+            fail(f"{name} is not sharded (not a DTensor)")
+        if tuple(param.device_mesh.shape) != expected_shape or tuple(param.placements) != expected_placements:
+            fail(f"{name} lives on mesh {tuple(param.device_mesh.shape)} {param.device_mesh.mesh_dim_names} with "
+                 f"placements {tuple(param.placements)}, not {expected_shape} {expected_placements}")
+    mesh = next(model.parameters()).device_mesh
+    return {"fsdp_mesh": {str(dim): size for dim, size in zip(mesh.mesh_dim_names or ("dp_shard",), mesh.shape)},
+            "fsdp_placements": [str(p) for p in expected_placements],
+            "fsdp_mesh_backend": torch.distributed.get_backend(mesh.get_group(len(mesh.shape) - 1))}
 
 
 def masters_are_parameters(zero3_optimizer) -> bool:
