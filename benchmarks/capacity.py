@@ -5,7 +5,7 @@
 For each strategy, shapes are tried from the smallest up (random-opt-125m, 350m, 1.3b, 2.7b,
 6.7b) until one fails: 2 optimizer steps, 2 processes, micro batch 1 x 128 tokens, fp32 AdamW
 (or 8-bit AdamW where named). Each candidate is its own `accelerate launch`, watched from here:
-when the processes' resident memory together passes --memory-limit-gb (or a time limit passes),
+when the processes' memory together (proportional set size) passes --memory-limit-gb (or a time limit passes),
 the candidate is killed and recorded as failed, so an out-of-memory run ends the candidate, not
 the machine. Each rank's peak resident memory at start (building, then `prepare`) and in
 training comes from the run's own records (config.yaml runtime, summary.json), and is set
@@ -81,10 +81,16 @@ def run_candidate(name: str, shape: str, work: Path, text: Path, tokenizer: Path
         returncode = proc.wait()
         watch.stop()
     result = {"strategy": name, "shape": shape, "seconds": round(time.time() - started),
-              "max_total_rss_gb": round(watch.max_total_gb, 2)}
-    if watch.verdict or returncode:
-        tail = (out / "launch.log").read_text(errors="replace").strip().splitlines()[-3:]
-        return {**result, "trains": False, "why": watch.verdict or f"exit {returncode}: {' | '.join(tail)[-300:]}"}
+              "max_total_gb": round(watch.max_total_gb, 2)}
+    failed = watch.verdict or (f"exit {returncode}: " + " | ".join(
+        (out / "launch.log").read_text(errors="replace").strip().splitlines()[-3:])[-300:] if returncode else None)
+    # summary.json is written when the steps are done, before final/ is exported (whose gather of
+    # the whole model on the main process is not what a strategy's training holds): a candidate
+    # that fails after it trained, with the export noted.
+    if failed and not (out / "summary.json").exists():
+        return {**result, "trains": False, "why": failed}
+    if failed:
+        result["export"] = f"failed: {failed}"
     import yaml
 
     runtime = yaml.safe_load((out / "config.yaml").read_text())["runtime"]
@@ -111,12 +117,14 @@ class Watchdog:
         while not self.done.wait(0.2):
             try:
                 procs = [psutil.Process(self.proc.pid), *psutil.Process(self.proc.pid).children(recursive=True)]
-                total = sum(p.memory_info().rss for p in procs) / 2**30
+                # proportional set size: pages shared between the ranks (libraries, shared-memory
+                # communication buffers) counted once, as the machine holds them
+                total = sum(p.memory_full_info().pss for p in procs) / 2**30
             except psutil.Error:
                 continue
             self.max_total_gb = max(self.max_total_gb, total)
             if total > self.limit or time.time() > self.deadline:
-                self.verdict = (f"out of memory: {total:.1f} GB resident > limit {self.limit} GB" if total > self.limit
+                self.verdict = (f"out of memory: {total:.1f} GB held > limit {self.limit} GB" if total > self.limit
                                 else "time limit")
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 return
@@ -142,7 +150,8 @@ def table(rows: list[dict]) -> str:
              "peak in training GB (rank 0, 1) | seconds |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["trains"]:
-            lines.append(f"| {r['strategy']} | {r['shape']} | yes | {r['params'] / 1e6:,.0f}M | {r['formula_gb']} | "
+            trains = f"yes; export {r['export']}" if "export" in r else "yes"
+            lines.append(f"| {r['strategy']} | {r['shape']} | {trains} | {r['params'] / 1e6:,.0f}M | {r['formula_gb']} | "
                          f"{', '.join(f'{v:.2f}' for v in r['start_peak_gb'])} | "
                          f"{', '.join(f'{v:.2f}' for v in r['training_peak_gb'])} | {r['seconds']} |")
         else:

@@ -60,7 +60,7 @@ def write_capacity_section(r: dict, table: str, results_md: Path) -> None:
              "2 optimizer steps, fp32. Peaks are each rank's resident memory (VmHWM): at start = while the model "
              "is built and `prepare`d, in training = from the first step on. The formula is the model states a "
              "rank holds by the ZeRO accounting (16 bytes per parameter, split as the strategy splits them); the "
-             "rest is the process itself (about 0.55 GB of libraries), activations, gathered layers and buffers.", "",
+             "rest is the process itself (about 0.5 GB of libraries), activations, gathered layers and buffers.", "",
              f"Largest that trains: {largest}.", "", *against_ddp(r["rows"]), table, end]
     replace_section(results_md, begin, end, "\n".join(lines))
 

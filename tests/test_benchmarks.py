@@ -29,7 +29,7 @@ def test_the_capacity_section_lists_each_candidate_and_is_replaced_not_appended(
     fits = {"strategy": "zero3", "shape": "random-opt-125m", "trains": True, "params": 125_239_296, "seconds": 70,
             "formula_gb": 0.93, "start_peak_gb": [1.51, 1.52], "training_peak_gb": [1.96, 1.97]}
     fails = {"strategy": "zero3", "shape": "random-opt-350m", "trains": False, "seconds": 9,
-             "why": "out of memory: 23.0 GB resident > limit 22.0 GB"}
+             "why": "out of memory: 23.0 GB held > limit 22.0 GB"}
     result = {"rows": [fits, fails], "largest": largest([fits, fails]), "memory_limit_gb": 22.0, "machine": "m",
               "seconds": 79, "command": "python benchmarks/capacity.py"}
     results_md = tmp_path / "RESULTS.md"
