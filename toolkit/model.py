@@ -101,15 +101,20 @@ def check_source(name: str, error: OSError) -> UserError:
                      "or give a local model directory")
 
 
+def hub_config(cfg: ModelConfig):
+    """config.json of a hub id or local model directory, or one clear error."""
+    try:
+        return AutoConfig.from_pretrained(cfg.name_or_path, revision=cfg.revision)
+    except (OSError, ValueError) as e:
+        raise check_source(cfg.name_or_path, e) from None
+
+
 def model_config(cfg: ModelConfig, tokenizer) -> OPTConfig:
     if is_preset(cfg.name_or_path):
         config = OPTConfig(**PRESETS[cfg.name_or_path], pad_token_id=tokenizer.pad_token_id,
                            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     else:
-        try:
-            config = AutoConfig.from_pretrained(cfg.name_or_path, revision=cfg.revision)
-        except (OSError, ValueError) as e:
-            raise check_source(cfg.name_or_path, e) from None
+        config = hub_config(cfg)
         if config.model_type != "opt":
             raise UserError(f"{cfg.name_or_path} is a {config.model_type} model; this toolkit trains OPT models")
     if cfg.dropout is not None:
@@ -125,10 +130,7 @@ def layer_numel(cfg: ModelConfig) -> int:
     if is_preset(cfg.name_or_path):
         hidden, ffn = PRESETS[cfg.name_or_path]["hidden_size"], PRESETS[cfg.name_or_path]["ffn_dim"]
     else:
-        try:
-            config = AutoConfig.from_pretrained(cfg.name_or_path, revision=cfg.revision)
-        except (OSError, ValueError) as e:
-            raise check_source(cfg.name_or_path, e) from None
+        config = hub_config(cfg)
         hidden, ffn = config.hidden_size, config.ffn_dim
     return 4 * hidden * hidden + 2 * hidden * ffn
 
