@@ -14,7 +14,7 @@ import importlib.metadata
 import json
 import os
 from contextlib import contextmanager
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -41,6 +41,8 @@ class Requested:
     """The strategy `accelerate launch` asked for, read from the environment it sets."""
     kind: str  # single | ddp | fsdp | deepspeed
     world_size: int
+    # Sizes from a `parallelism_config` section (dp_replicate, dp_shard, tp, cp, sp); {} without one.
+    mesh: dict[str, int] = field(default_factory=dict)
 
     @classmethod
     def from_env(cls) -> "Requested":
@@ -48,7 +50,10 @@ class Requested:
         if _env_flag("ACCELERATE_USE_DEEPSPEED"):
             return cls("deepspeed", world)
         if _env_flag("ACCELERATE_USE_FSDP"):
-            return cls("fsdp", world)
+            mesh = {dim: int(os.environ.get(f"PARALLELISM_CONFIG_{dim.upper()}_SIZE", "1"))
+                    for dim in ("dp_replicate", "dp_shard", "tp", "cp", "sp")
+                    } if _env_flag("ACCELERATE_USE_PARALLELISM_CONFIG") else {}
+            return cls("fsdp", world, mesh)
         return cls("ddp" if world > 1 else "single", world)
 
 
@@ -507,7 +512,7 @@ def verify(accelerator: Accelerator, model, optimizer, cfg: RunConfig) -> dict:
         plugin = accelerator.state.fsdp_plugin
         info.update(fsdp_version=plugin.fsdp_version, reshard_after_forward=bool(plugin.reshard_after_forward),
                     offload_param=isinstance(plugin.cpu_offload, CPUOffloadPolicy))
-        info.update(fsdp_mesh(accelerator, model, fail))
+        info.update(fsdp_mesh(accelerator, model, requested.mesh, fail))
     elif requested.kind == "ddp" and not isinstance(model, torch.nn.parallel.DistributedDataParallel):
         fail(f"accelerate runs {running.value} without DistributedDataParallel")
     if "mixed_precision" not in info:
@@ -520,16 +525,7 @@ def verify(accelerator: Accelerator, model, optimizer, cfg: RunConfig) -> dict:
     return info
 
 
-def requested_mesh() -> dict[str, int]:
-    """The data-parallel mesh `accelerate launch` asked for through a `parallelism_config` section
-    (or --parallelism_config_* flags with --use_parallelism_config): {} when it asked for none."""
-    if not _env_flag("ACCELERATE_USE_PARALLELISM_CONFIG"):
-        return {}
-    return {dim: int(os.environ.get(f"PARALLELISM_CONFIG_{dim.upper()}_SIZE", "1"))
-            for dim in ("dp_replicate", "dp_shard", "tp", "cp", "sp")}
-
-
-def fsdp_mesh(accelerator: Accelerator, model, fail) -> dict:
+def fsdp_mesh(accelerator: Accelerator, model, asked: dict[str, int], fail) -> dict:
     """FSDP2: the mesh the parameters really live on, checked against the one asked for.
 
     Plain FSDP shards every parameter over all ranks (one mesh dimension, Shard(0)); HSDP
@@ -537,7 +533,6 @@ def fsdp_mesh(accelerator: Accelerator, model, fail) -> dict:
     every parameter is a DTensor on the 2-D mesh with placements (Replicate(), Shard(0))."""
     from torch.distributed.tensor import DTensor, Replicate, Shard
 
-    asked = requested_mesh()
     others = {dim: size for dim, size in asked.items() if dim not in ("dp_replicate", "dp_shard") and size > 1}
     if others:
         raise UserError(f"this toolkit runs FSDP2 with data parallelism only (dp_replicate x dp_shard); the accelerate "
