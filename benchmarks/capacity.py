@@ -182,6 +182,7 @@ def main(argv=None) -> None:
     work = args.work or Path(tempfile.mkdtemp(prefix="toolkit-capacity-"))
     work.mkdir(parents=True, exist_ok=True)
     started = time.time()
+    from report import write_capacity_section
     from run import machine
 
     rows = []
@@ -195,7 +196,6 @@ def main(argv=None) -> None:
         if args.json:
             args.json.write_text(json.dumps(result, indent=2) + "\n")
         if args.results:
-            from report import write_capacity_section
             write_capacity_section(result, table(rows), args.results)
     print(table(rows))
 
