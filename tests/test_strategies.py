@@ -94,6 +94,10 @@ def test_config_trains_resumes_and_exports_like_ddp(name, ddp_run, text_data, tm
         # fp32 parameters are their own masters: no second fp32 copy of the shard
         assert info["zero3_fp32_masters"] == "the parameters"
 
+    if expected(name)["offload_param"] == "nvme":
+        # ZeRO-3 swaps parameters into the run's own folder (it once used ./none, accelerate's placeholder)
+        assert any((out / "nvme_offload").rglob("float32params")) and not (ROOT / "none").exists()
+
     # the final export and an export of the step-4 checkpoint (toolkit.export) both equal DDP's weights
     step_4 = ["--checkpoint", str(out / "checkpoints" / "step-000004"), "--out", str(tmp_path / "exported")]
     if expected(name).get("offload_optimizer") == "nvme":  # DeepSpeed's zero_to_fp32 can't read swap files

@@ -144,6 +144,10 @@ def make_accelerator(cfg: RunConfig) -> Accelerator:
         handlers = [InitProcessGroupKwargs(backend="gloo" if on_cpu else None, timeout=timeout)]
         accelerator = Accelerator(kwargs_handlers=handlers, **common)
         fill_deepspeed_config(accelerator.state.deepspeed_plugin, cfg, accelerator.num_processes)
+        # accelerate handed transformers (whose zero.Init partitions the model as it is built) a copy of
+        # the JSON when the Accelerator was made, "auto" still unfilled: without the filled one, ZeRO-3's
+        # NVMe parameter swap files went to ./none (accelerate's placeholder) instead of output_dir.
+        accelerator.state.deepspeed_plugin.set_deepspeed_weakref()
         share_zero3_fp32_partitions()
         from deepspeed.accelerator import get_accelerator
         if accelerator.state.deepspeed_plugin.deepspeed_config.get("fp16", {}).get("enabled") is True \
