@@ -288,6 +288,42 @@ def test_a_strategy_that_does_not_engage_stops_with_a_clear_error(monkeypatch):
         strategy.verify(fallback, torch.nn.Linear(2, 2), None, RunConfig())
 
 
+@pytest.mark.distributed
+def test_tensor_parallel_is_refused_before_any_work(text_data, tmp_path):
+    """A parallelism_config with tp_size 2 (what accelerate's FSDP2 + TP layout asks for) stops every
+    rank with the one line, before a process group, a model or output_dir exists."""
+    config = yaml.safe_load((ACCELERATE_CONFIGS / "hsdp.yaml").read_text())
+    config["num_processes"] = 2
+    config["parallelism_config"].update(parallelism_config_dp_replicate_size=1, parallelism_config_dp_shard_size=1,
+                                        parallelism_config_tp_size=2)
+    (tmp_path / "tp.yaml").write_text(yaml.safe_dump(config))
+    out = tmp_path / "run"
+    proc = launch("toolkit.train", tiny_run(text_data, out), config=str(tmp_path / "tp"), check=False)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert proc.returncode != 0 and errors == [
+        "error: the accelerate config asks for tp_size=2, but this toolkit runs data parallelism only (tensor, "
+        "context and sequence parallelism are not supported): set those sizes to 1 in its parallelism_config"], \
+        proc.stderr[-3000:]
+    assert not out.exists()
+
+
+def test_model_parallel_sizes_are_read_from_any_launch(monkeypatch):
+    """accelerate launch passes a parallelism_config as environment variables; DDP and FSDP alike."""
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("ACCELERATE_USE_PARALLELISM_CONFIG", "true")
+    for dim, size in (("DP_REPLICATE", 2), ("DP_SHARD", 2), ("CP", 1)):
+        monkeypatch.setenv(f"PARALLELISM_CONFIG_{dim}_SIZE", str(size))
+    strategy.Requested.from_env().refuse_model_parallelism()  # HSDP runs
+    monkeypatch.setenv("PARALLELISM_CONFIG_CP_SIZE", "2")
+    for kind in ("ACCELERATE_USE_FSDP", None):
+        if kind:
+            monkeypatch.setenv(kind, "true")
+        else:
+            monkeypatch.delenv("ACCELERATE_USE_FSDP")
+        with pytest.raises(UserError, match="^the accelerate config asks for cp_size=2, but"):
+            strategy.Requested.from_env().refuse_model_parallelism()
+
+
 def test_deepspeed_json_that_contradicts_the_run_config_is_refused(tmp_path, monkeypatch):
     path = tmp_path / "ds.json"
     path.write_text(json.dumps({"gradient_accumulation_steps": 8, "zero_optimization": {"stage": 2}}))

@@ -47,14 +47,27 @@ class Requested:
     @classmethod
     def from_env(cls) -> "Requested":
         world = int(os.environ.get("WORLD_SIZE", "1"))
+        mesh = {dim: int(os.environ.get(f"PARALLELISM_CONFIG_{dim.upper()}_SIZE", "1"))
+                for dim in ("dp_replicate", "dp_shard", "tp", "cp", "sp")
+                } if _env_flag("ACCELERATE_USE_PARALLELISM_CONFIG") else {}
         if _env_flag("ACCELERATE_USE_DEEPSPEED"):
-            return cls("deepspeed", world)
+            return cls("deepspeed", world, mesh)
         if _env_flag("ACCELERATE_USE_FSDP"):
-            mesh = {dim: int(os.environ.get(f"PARALLELISM_CONFIG_{dim.upper()}_SIZE", "1"))
-                    for dim in ("dp_replicate", "dp_shard", "tp", "cp", "sp")
-                    } if _env_flag("ACCELERATE_USE_PARALLELISM_CONFIG") else {}
             return cls("fsdp", world, mesh)
-        return cls("ddp" if world > 1 else "single", world)
+        return cls("ddp" if world > 1 else "single", world, mesh)
+
+    def refuse_model_parallelism(self) -> None:
+        """Only data parallelism runs (DDP, ZeRO, FSDP, HSDP's dp_replicate x dp_shard): tensor, context
+        and sequence parallel sizes are refused before any process group or model exists. (A tensor-
+        parallel plan for OPT trained, but accelerate's save_state fails on its DTensors: README,
+        known limits.)"""
+        beyond = {dim: size for dim, size in self.mesh.items()
+                  if dim not in ("dp_replicate", "dp_shard") and size > 1}
+        if beyond:
+            sizes = ", ".join(f"{dim}_size={size}" for dim, size in beyond.items())
+            raise UserError(f"the accelerate config asks for {sizes}, but this toolkit runs data parallelism only "
+                            "(tensor, context and sequence parallelism are not supported): set those sizes to 1 "
+                            "in its parallelism_config")
 
 
 def _env_flag(name: str) -> bool:
@@ -126,6 +139,7 @@ def release_freed_memory() -> None:
 
 def make_accelerator(cfg: RunConfig) -> Accelerator:
     requested = Requested.from_env()
+    requested.refuse_model_parallelism()
     ddp = ddp_kwargs(cfg, requested.kind)  # refuses ddp.* keys where DDP does not run, before any process group
     on_cpu = not torch.cuda.is_available()
     # A dead or stalled rank ends every collective after this long, instead of torch's 30 minutes.
@@ -537,10 +551,6 @@ def fsdp_mesh(accelerator: Accelerator, model, asked: dict[str, int], fail) -> d
     every parameter is a DTensor on the 2-D mesh with placements (Replicate(), Shard(0))."""
     from torch.distributed.tensor import DTensor, Replicate, Shard
 
-    others = {dim: size for dim, size in asked.items() if dim not in ("dp_replicate", "dp_shard") and size > 1}
-    if others:
-        raise UserError(f"this toolkit runs FSDP2 with data parallelism only (dp_replicate x dp_shard); the accelerate "
-                        f"config asks for {others}: set those sizes to 1")
     replicate, shard = asked.get("dp_replicate", 1), asked.get("dp_shard", 1)
     if asked and replicate * shard != accelerator.num_processes:
         fail(f"dp_replicate {replicate} x dp_shard {shard} is not the {accelerator.num_processes} processes")
