@@ -55,3 +55,49 @@ def test_the_capacity_section_sets_each_strategy_against_ddp_at_350m():
     assert against_ddp(rows)[0] == "Per-rank peak against ddp at random-opt-350m (at start / in training): " \
                                    "zero3 0.60x / 0.56x."
     assert against_ddp(rows[1:]) == []
+
+
+def test_communication_time_counts_overlapping_collectives_once(tmp_path):
+    """benchmarks/scaling.py's split of a recorded step: collectives overlap (DDP's buckets on gloo's
+    worker threads, ZeRO-3's prefetch) and may start before the step or end after it; the time any
+    is in flight within the step counts once. The main thread's launch of an op is not a collective."""
+    from scaling import step_split
+
+    def span(name, start, length, tid=1):
+        return {"ph": "X", "name": name, "ts": start, "dur": length, "tid": tid}
+
+    events = [span("ProfilerStep#3", 1000, 1000), span("ProfilerStep#4", 2000, 500),
+              span("gloo:all_reduce", 1100, 200, tid=7), span("gloo:all_reduce", 1200, 200, tid=8),  # 1100-1400
+              span("gloo:all_gather", 1900, 300, tid=7),  # crosses into step 4: 100 us in 3, 200 in 4
+              span("c10d::allreduce_", 1100, 5), span("aten::mm", 1500, 300),
+              {"ph": "i", "name": "gloo:all_reduce", "ts": 1600}]  # an instant, not a span
+    trace = tmp_path / "rank0.json"
+    trace.write_text(json.dumps({"traceEvents": events}))
+    assert step_split(trace) == [{"step_s": 1e-3, "comm_s": 400e-6}, {"step_s": 5e-4, "comm_s": 200e-6}]
+
+
+def test_the_scaling_section_is_replaced_not_appended(tmp_path):
+    from report import write_scaling_section
+
+    def row(strategy, processes, tokens_per_s):
+        return {"shape": "tiny-opt", "strategy": strategy, "processes": processes, "tokens_per_s": tokens_per_s,
+                "efficiency": tokens_per_s / 1000, "step_s": 1.0, "comm_s": 0.25, "compute_s": 0.75,
+                "comm_share": 0.25, "comm_bytes_per_rank": 2.9e6}
+
+    result = {"mode": "quick", "rows": [row("single", 1, 1000.0), row("ddp", 2, 1100.0)], "machine": "m",
+              "seconds": 200, "command": "python benchmarks/scaling.py --quick"}
+    results_md = tmp_path / "RESULTS.md"
+    results_md.write_text("# Benchmarks\n\nSpeed tables stay.\n")
+    for _ in range(2):
+        write_scaling_section(result, results_md)
+    text = results_md.read_text()
+    assert text.count("scaling:begin") == text.count("scaling:end") == 1 and "Speed tables stay." in text
+    assert "| tiny-opt | ddp | 2 | 1100.0 | 1.10 | 1.00 | 0.25 | 25% | 2.9 |" in text
+    assert (tmp_path / "scaling.png").stat().st_size > 1000
+
+
+def test_each_config_is_benchmarked_on_the_processes_it_is_written_for():
+    """hsdp's 2 x 2 mesh needs 4 processes (run.py's strategy table once launched it on 2 and failed)."""
+    from run import config_processes
+
+    assert config_processes("hsdp") == 4 and config_processes("zero3") == config_processes("ddp") == 2

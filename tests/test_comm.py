@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,8 +23,12 @@ from conftest import ACCELERATE_CONFIGS, ROOT, launch, metrics, tiny_run
 from toolkit import comm, strategy
 from toolkit.config import RunConfig, UserError, load
 
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from scaling import COLLECTIVE, step_split  # noqa: E402  (how the scaling benchmark reads a trace)
+
 N = 2
-ARGS = {"train.max_steps": 4, "eval.max_batches": 1}
+# Steps 3-4 also recorded by torch.profiler (test_profiled_steps_hold_the_strategys_collectives).
+ARGS = {"train.max_steps": 4, "eval.max_batches": 1, "train.profile_steps": 2}
 KINDS = [f"comm_bytes_{kind}" for kind in comm.KINDS]
 # Besides the strategy's bulk, a few bytes per step or once: DeepSpeed all-reduces 2 scalars for
 # the gradient norm and overflow check (8 B), DDP broadcasts its bucket order once when it rebuilds
@@ -172,6 +177,25 @@ def test_accumulation_does_not_add_ddp_communication(runs):
     one = metrics(runs("ddp"))[0]
     two = metrics(runs("ddp_accum2", "ddp", **{"train.micro_batch_size": 2, "train.grad_accum_steps": 2}))[0]
     assert [r["comm_bytes"] for r in two] == [r["comm_bytes"] for r in one]
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("name, collectives", [
+    ("ddp", {"gloo:all_reduce"}),
+    ("zero3", {"gloo:all_gather", "gloo:all_reduce"}),  # gloo runs the reduce-scatter as an all-reduce
+])
+def test_profiled_steps_hold_the_strategys_collectives(name, collectives, runs):
+    """train.profile_steps=2: each rank's trace records steps 3 and 4 (torch names them from 0), with
+    the collectives the strategy's bytes go through; their time is part of each step, not all of it.
+    What benchmarks/scaling.py splits into compute and communication."""
+    for rank in range(N):
+        trace = runs(name) / "profile" / f"rank{rank}.json"
+        names = [e["name"] for e in json.loads(trace.read_text())["traceEvents"] if e.get("ph") == "X"]
+        assert sorted(n for n in names if n.startswith("ProfilerStep#")) == ["ProfilerStep#2", "ProfilerStep#3"]
+        # (besides the loop's own small reductions: token count, logged loss, throughput's all-gather)
+        assert {n for n in names if COLLECTIVE.search(n)} >= collectives, rank
+        for step in step_split(trace):
+            assert 0 < step["comm_s"] < step["step_s"], (rank, step)
 
 
 # --- DDP communication hooks ---------------------------------------------------------------------

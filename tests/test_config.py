@@ -44,6 +44,14 @@ def test_bad_values_name_the_key_and_the_fix(override, message):
     assert message in str(err.value)
 
 
+def test_profiled_steps_must_fit_in_the_run():
+    base = ["data.train=x.txt", "train.max_steps=4"]
+    with pytest.raises(UserError, match="^train.profile_steps=3 records steps 3 to 5 but train.max_steps is 4: raise"):
+        config.load(None, [*base, "train.profile_steps=3"])
+    assert config.load(None, [*base, "train.profile_steps=2"]).train.profile_steps == 2
+    config.load(None, ["data.train=x.txt", "train.profile_steps=9"])  # epochs: steps unknown until the data is read
+
+
 def test_missing_and_malformed_files(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         config.load(tmp_path / "nope.yaml")

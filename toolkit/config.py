@@ -140,6 +140,10 @@ class TrainConfig:
     cpu_threads: int = 0
     """Threads per process on CPU; 0: this machine's cores / its processes, unless OMP_NUM_THREADS is set above 1
     (`accelerate launch` sets it to 1 by default, which would leave cores idle)."""
+    profile_steps: int = 0
+    """Record this many optimizer steps with torch.profiler, after two warm-up steps: each rank writes a
+    Chrome / Perfetto trace to output_dir/profile/rank<r>.json (collectives show as gloo:* or nccl:* events);
+    0: off."""
 
     def global_batch_size(self, num_processes: int) -> int:
         """Sequences per optimizer step over all ranks."""
@@ -252,8 +256,11 @@ CHOICES = {
 POSITIVE = ("data.block_size", "train.micro_batch_size", "train.grad_accum_steps", "train.log_every",
             "train.max_bad_steps", "train.collective_timeout",
             "eval.micro_batch_size", "lora.r", "lora.alpha", "optim.lr", "ddp.powersgd_rank", "ddp.bucket_cap_mb")
+# Optimizer steps train.profile_steps leaves unrecorded first: memory is allocated, DDP builds its
+# buckets, ZeRO-3 learns the order parameters are used in.
+PROFILE_WARMUP = 2
 NON_NEGATIVE = ("train.max_steps", "train.epochs", "train.peak_tflops", "optim.weight_decay", "optim.warmup_steps",
-                "optim.max_grad_norm", "eval.every", "eval.max_batches", "checkpoint.every",
+                "optim.max_grad_norm", "eval.every", "eval.max_batches", "checkpoint.every", "train.profile_steps",
                 "checkpoint.keep_last", "lora.dropout")
 
 
@@ -400,6 +407,11 @@ def validate(cfg: RunConfig) -> None:
         raise UserError("data.train is not set: give a training file or hub dataset, e.g. data.train=data/train.jsonl")
     if cfg.train.max_steps == 0 and cfg.train.epochs == 0:
         raise UserError("train.max_steps and train.epochs are both 0: set one of them")
+    profiled_to = PROFILE_WARMUP + cfg.train.profile_steps
+    if cfg.train.profile_steps and 0 < cfg.train.max_steps < profiled_to:
+        raise UserError(f"train.profile_steps={cfg.train.profile_steps} records steps {PROFILE_WARMUP + 1} to "
+                        f"{profiled_to} but train.max_steps is {cfg.train.max_steps}: "
+                        "raise train.max_steps or lower train.profile_steps")
     if not 0 < cfg.data.eval_fraction < 1:
         raise UserError(f"data.eval_fraction must be between 0 and 1, got {cfg.data.eval_fraction}")
     if cfg.lora.dropout >= 1 or (cfg.model.dropout is not None and not 0 <= cfg.model.dropout < 1):

@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .comm import KINDS, CommMeter
-from .config import RunConfig, UserError, to_dict
+from .config import PROFILE_WARMUP, RunConfig, UserError, to_dict
 from .files import replaced_file, write_text
 
 # --- known third-party noise ----------------------------------------------------------------------
@@ -251,6 +251,7 @@ class Telemetry:
         self.comm_totals = dict.fromkeys(KINDS, 0)
         self.evals: list[dict] = []
         self._start_trackers(cfg, start_step)
+        self.profiler = start_profiler(cfg, accelerator.process_index)
 
     def _start_trackers(self, cfg: RunConfig, start_step: int) -> None:
         """All ranks call accelerate's init_trackers; it starts them on the main process only."""
@@ -284,6 +285,8 @@ class Telemetry:
         self.window_time += time.perf_counter() - self.step_start
         self.comm_steps += steps
         self.bar.update(steps)
+        if self.profiler is not None:
+            self.profiler.step()
 
     def throughput(self) -> dict:
         """All ranks, at a logged step: rates over all ranks since the previous logged step, from one
@@ -336,6 +339,9 @@ class Telemetry:
         """All ranks, when the loop ends (done, stopped by a signal, or too many bad steps): the
         main process prints the summary and writes summary.json and curves.png."""
         self.bar.close()
+        if self.profiler is not None:
+            self.profiler.stop()  # writes the trace of a run that ended inside the recorded steps
+            self.profiler = None
         if not self.is_main:
             return
         if len(self.evals) > 1:
@@ -374,6 +380,29 @@ class Telemetry:
             "comm_bytes": sum(comm.values()),
             **{f"comm_bytes_{kind}": value for kind, value in comm.items()},
         }
+
+
+def start_profiler(cfg: RunConfig, rank: int):
+    """train.profile_steps: a running torch.profiler that skips PROFILE_WARMUP optimizer steps (the
+    first records would show allocation and set-up, not the steady step), then records the next
+    profile_steps, one `ProfilerStep#k` span each, and writes this rank's Chrome trace to
+    output_dir/profile/rank<r>.json. None when off. `step()` it after each optimizer step."""
+    if not cfg.train.profile_steps:
+        return None
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    folder = Path(cfg.output_dir) / "profile"
+
+    def write_trace(profiler) -> None:
+        folder.mkdir(exist_ok=True)
+        with replaced_file(folder / f"rank{rank}.json") as tmp:
+            profiler.export_chrome_trace(str(tmp))
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    profiler = profile(activities=activities, on_trace_ready=write_trace,
+                       schedule=schedule(wait=PROFILE_WARMUP - 1, warmup=1, active=cfg.train.profile_steps, repeat=1))
+    profiler.start()
+    return profiler
 
 
 def summary_line(s: dict) -> str:
