@@ -22,7 +22,10 @@ import torch.nn.functional as F
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 IGNORE = -100  # labels the loss skips (transformers' and torch's ignore_index)
-CHUNK_BYTES = 32 * 2**20  # fp32 logits per chunk: small enough to stay near the cache, large for matmuls
+# fp32 logits per chunk: a bounded transient, and rows enough for the matmuls to run near their peak
+# (opt-125m's head, forward + backward, alternated runs on 2 CPU cores: 128 MiB chunks 1.66 s against
+# 1.85 s for 32 MiB at one thread and 508 tokens, 2.04 s against 2.11 s at two threads and 1016 tokens).
+CHUNK_BYTES = 128 * 2**20
 
 
 class LinearCrossEntropy(torch.autograd.Function):
