@@ -256,12 +256,12 @@ CHOICES = {
 POSITIVE = ("data.block_size", "train.micro_batch_size", "train.grad_accum_steps", "train.log_every",
             "train.max_bad_steps", "train.collective_timeout",
             "eval.micro_batch_size", "lora.r", "lora.alpha", "optim.lr", "ddp.powersgd_rank", "ddp.bucket_cap_mb")
-# Optimizer steps train.profile_steps leaves unrecorded first: memory is allocated, DDP builds its
-# buckets, ZeRO-3 learns the order parameters are used in.
-PROFILE_WARMUP = 2
 NON_NEGATIVE = ("train.max_steps", "train.epochs", "train.peak_tflops", "optim.weight_decay", "optim.warmup_steps",
                 "optim.max_grad_norm", "eval.every", "eval.max_batches", "checkpoint.every", "train.profile_steps",
                 "checkpoint.keep_last", "lora.dropout")
+# Optimizer steps train.profile_steps leaves unrecorded first: memory is allocated, DDP builds its
+# buckets, ZeRO-3 learns the order parameters are used in.
+PROFILE_WARMUP = 2
 
 
 def field_docs() -> dict[str, str]:
