@@ -22,10 +22,11 @@ import torch.nn.functional as F
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 IGNORE = -100  # labels the loss skips (transformers' and torch's ignore_index)
-# fp32 logits per chunk: a bounded transient, and rows enough for the matmuls to run near their peak
-# (opt-125m's head, forward + backward, alternated runs on 2 CPU cores: 128 MiB chunks 1.66 s against
-# 1.85 s for 32 MiB at one thread and 508 tokens, 2.04 s against 2.11 s at two threads and 1016 tokens).
-CHUNK_BYTES = 128 * 2**20
+# fp32 logits per chunk: a bounded transient, and rows enough that the head's weight is streamed
+# through few, large matmuls (benchmarks/head.py, opt-125m's head, forward + backward, 2 CPU cores:
+# at two threads and 1016 tokens 2.11 s with 32 MiB chunks, 1.96 s with 128, 1.73 s with 256, which
+# holds them in one chunk; at one thread and 508 tokens 1.85 s with 32 MiB, 1.66 s with 128).
+CHUNK_BYTES = 256 * 2**20
 
 
 class LinearCrossEntropy(torch.autograd.Function):
