@@ -1,6 +1,6 @@
 """The toolkit against its peers, on this machine, in one run.
 
-    python benchmarks/run.py --quick --json results.json     # 9 to 14 minutes on 2 CPU cores
+    python benchmarks/run.py --quick --json results.json     # 14 minutes on 2 CPU cores
     python benchmarks/run.py --json results.json --results benchmarks/RESULTS.md   # the full run, 35 to 55 minutes
 
 Peers run the identical job (random-opt-125m shapes, the same text and tokenizer, block 128,
@@ -8,10 +8,11 @@ global batch, fp32, seed, process count and threads per process, all under `acce
 - reference: benchmarks/peers/reference_loop.py, a plain Accelerate loop as in transformers'
   run_clm_no_trainer.py;
 - trainer: benchmarks/peers/trainer_loop.py, transformers.Trainer with its defaults.
-Throughput is tokens per second of the steady state: the wall time between the end of the
-warm-up steps and the end of the last step, from each program's own step-end times. Programs
-run in turns (toolkit, reference, trainer, toolkit, ...) and each ratio is the median of the
-per-turn ratios, so drift of the machine (other load, heat) cancels.
+The toolkit and a peer run at the same time, taking turns optimizer step by optimizer step
+(benchmarks/lockstep.py passes a baton between them; only one computes at a time, with the whole
+machine). Each step's tokens over its seconds is a rate; a ratio is the median over the pairs of
+adjacent steps after the warm-up (the toolkit's step k against the peer's step k), so changes
+of the machine's speed, which on a shared VM come and go within a minute, hit both alike.
 
 JSON keys (toolkit / peer unless said): throughput_vs_reference and throughput_vs_trainer (the
 worse of 1 and 2 processes; both are under "detail"), mfu_vs_matmul_peak (model FLOPs/s of the
@@ -27,6 +28,8 @@ import argparse
 import json
 import os
 import shutil
+import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -34,12 +37,14 @@ import tempfile
 import time
 from pathlib import Path
 
+import yaml
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]  # the toolkit, and memory.py beside this file
 PRESET = "random-opt-125m"
 MODES = {  # the same job (global batch 8 x 128 tokens; micro batch = 8 / processes), more turns in full
-    "quick": dict(global_batch=8, steps=4, warmup=1, rounds=2, configs=False),
-    "full": dict(global_batch=8, steps=6, warmup=2, rounds=4, configs=True),
+    "quick": dict(global_batch=8, steps=7, warmup=2, rounds=1, configs=False),
+    "full": dict(global_batch=8, steps=10, warmup=2, rounds=2, configs=True),
 }
 
 
@@ -73,20 +78,54 @@ class Bench:
             PRESETS[PRESET], pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id)))
 
-    def launch(self, config: str, program: list[str], processes: int, name: str) -> None:
-        """`accelerate launch` with the same threads per process for every program."""
+    def start(self, config: str, program: list[str], processes: int, name: str) -> tuple[subprocess.Popen, Path]:
+        """`accelerate launch` with the same threads per process for every program, in its own session
+        (so that a failed partner's whole process tree can be stopped) and on its own port."""
         self.runs += 1
         log = self.logs / f"{self.runs:03d}-{name}.log"
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                str(ROOT / "accelerate_configs" / f"{config}.yaml"), "--num_processes", str(processes),
                "--mixed_precision", "no", "--num_cpu_threads_per_process", str(max(1, cores() // processes)),
-               *program]
+               "--main_process_port", str(free_port()), *program]
         env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
                    PYTHONPATH=str(ROOT))
         with log.open("w") as out:
-            proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-        if proc.returncode:
-            raise SystemExit(f"{name} failed ({proc.returncode}): see {log}")
+            return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                    start_new_session=True), log
+
+    def run_together(self, launches: list[tuple[str, list[str], int, str]]) -> None:
+        """Start every launch, wait for all; if one fails, stop the others (they would wait for it)."""
+        started = [self.start(*launch) for launch in launches]
+        try:
+            while any(proc.poll() is None for proc, _ in started):
+                for proc, log in started:
+                    if proc.poll():
+                        raise SystemExit(f"{log.stem} failed ({proc.returncode}): see {log}")
+                time.sleep(0.5)
+            for proc, log in started:
+                if proc.returncode:
+                    raise SystemExit(f"{log.stem} failed ({proc.returncode}): see {log}")
+        finally:
+            for proc, _ in started:
+                if proc.poll() is None:
+                    os.killpg(proc.pid, signal.SIGKILL)
+
+    def launch(self, config: str, program: list[str], processes: int, name: str) -> None:
+        self.run_together([(config, program, processes, name)])
+
+    def alternated(self, processes: int, programs: dict[str, tuple[str, list[str]]]) -> dict[str, list[float]]:
+        """Run the programs ({name: (accelerate config, program)}) at once, taking turns step by step
+        (lockstep.py): for each, the seconds of its steps after the warm-up ones (the slowest rank's)."""
+        ring = Path(tempfile.mkdtemp(prefix="ring-", dir=self.work))
+        lockstep = [str(ROOT / "benchmarks" / "lockstep.py"), "--ring", str(ring), "--of", str(len(programs)),
+                    "--steps", str(self.mode["steps"])]
+        self.run_together([(config, [*lockstep, "--turn", str(k), "--", *program], processes, name)
+                           for k, (name, (config, program)) in enumerate(programs.items())])
+        seconds = {}
+        for k, name in enumerate(programs):
+            ranks = [json.loads((ring / f"seconds-{k}-rank{r}.json").read_text()) for r in range(processes)]
+            seconds[name] = [max(step) for step in zip(*ranks)][self.mode["warmup"] - 1:]  # lockstep times from step 2
+        return seconds
 
     def toolkit_args(self, out: Path, processes: int, **overrides) -> list[str]:
         m = self.mode
@@ -94,54 +133,71 @@ class Bench:
                 "data.eval_fraction": 0.01, "train.micro_batch_size": m["global_batch"] // processes,
                 "train.grad_accum_steps": 1, "train.max_steps": m["steps"], "train.seed": 42, "optim.lr": 3e-4,
                 "optim.scheduler": "linear", "optim.warmup_steps": 0, "optim.max_grad_norm": 1.0,
-                "eval.max_batches": 1, "checkpoint.every": 0, "train.report_to": "none", "output_dir": out}
+                "eval.max_batches": 1, "checkpoint.every": 0, "train.report_to": "none", "train.log_every": 1,
+                "output_dir": out}
         args.update(overrides)
         shutil.rmtree(out, ignore_errors=True)
         (out / "tokenizer").parent.mkdir(parents=True)
         shutil.copytree(self.tokenizer, out / "tokenizer")  # the same tokenizer as the peers'
         return [f"{k}={v}" for k, v in args.items()]
 
+    def toolkit_program(self, out: Path, processes: int, **overrides) -> list[str]:
+        return ["-m", "toolkit.train", *self.toolkit_args(out, processes, **overrides)]
+
+    @staticmethod
+    def toolkit_tokens(out: Path) -> list[int]:
+        """Input tokens (non-pad, all ranks) of each optimizer step, from the run's metrics.jsonl."""
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        return [r["input_tokens"] for r in records if "loss" in r]
+
     def toolkit(self, processes: int, config: str | None = None, **overrides) -> dict:
+        """One toolkit run on its own: tokens/s, the median of its steps after warm-up."""
         out = self.work / "toolkit"
-        args = self.toolkit_args(out, processes, **overrides)
         config = config or ("single" if processes == 1 else "ddp")
-        self.launch(config, ["-m", "toolkit.train", *args], processes, f"toolkit-{config}-{processes}")
+        self.launch(config, self.toolkit_program(out, processes, **overrides), processes, f"toolkit-{config}-{processes}")
         records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         steps = [r for r in records if "loss" in r]
-        warm = self.mode["warmup"]
-        seconds = steps[-1]["time"] - steps[warm - 1]["time"]
-        tokens = sum(r["input_tokens"] for r in steps[warm:])
-        import yaml
-        runtime = yaml.safe_load((out / "config.yaml").read_text())["runtime"]
-        return {"tokens_per_s": tokens / seconds, "runtime": runtime, "losses": [r["loss"] for r in steps]}
+        rates = [b["input_tokens"] / (b["time"] - a["time"]) for a, b in zip(steps, steps[1:])]
+        return {"tokens_per_s": statistics.median(rates[self.mode["warmup"] - 1:])}
 
-    def peer(self, name: str, processes: int) -> dict:
-        result = self.work / f"{name}.json"
+    def peer_program(self, name: str, processes: int) -> list[str]:
         m = self.mode
-        program = [str(ROOT / "benchmarks" / "peers" / f"{name}_loop.py"), "--model_config", str(self.model_config),
-                   "--tokenizer", str(self.tokenizer), "--data", str(self.text), "--block_size", "128",
-                   "--micro_batch_size", str(m["global_batch"] // processes), "--max_steps", str(m["steps"]),
-                   "--lr", "3e-4", "--seed", "42", "--result", str(result)]
-        self.launch("single" if processes == 1 else "ddp", program, processes, f"{name}-{processes}")
-        r = json.loads(result.read_text())
-        times, warm = r["step_end_times"], m["warmup"]
+        return [str(ROOT / "benchmarks" / "peers" / f"{name}_loop.py"), "--model_config", str(self.model_config),
+                "--tokenizer", str(self.tokenizer), "--data", str(self.text), "--block_size", "128",
+                "--micro_batch_size", str(m["global_batch"] // processes), "--max_steps", str(m["steps"]),
+                "--lr", "3e-4", "--seed", "42", "--result", str(self.work / f"{name}.json")]
+
+    def peer_tokens(self, name: str, processes: int) -> int:
+        """Tokens of each of the peer's optimizer steps (all ranks), from the result it wrote."""
+        r = json.loads((self.work / f"{name}.json").read_text())
         if r["world_size"] != processes:
             raise SystemExit(f"{name} ran on {r['world_size']} processes, not {processes}")
-        return {"tokens_per_s": r["tokens_per_step"] * (len(times) - warm) / (times[-1] - times[warm - 1])}
+        return r["tokens_per_step"]
 
     # --- the measurements ----------------------------------------------------------------------
     def throughput(self) -> dict:
-        out = {}
+        """The toolkit against each peer, the two taking turns step by step; each ratio is the median
+        over the pairs of adjacent steps (the toolkit's step k against the peer's step k)."""
+        out, toolkit_out, warm = {}, self.work / "toolkit", self.mode["warmup"]
         for processes in (1, 2):
-            turns = []
+            config = "single" if processes == 1 else "ddp"
+            rates, ratios = {"toolkit": []}, {}
             for _ in range(self.mode["rounds"]):
-                turns.append({"toolkit": self.toolkit(processes), "reference": self.peer("reference", processes),
-                              "trainer": self.peer("trainer", processes)})
+                for peer in ("reference", "trainer"):
+                    seconds = self.alternated(processes, {
+                        "toolkit": (config, self.toolkit_program(toolkit_out, processes)),
+                        peer: (config, self.peer_program(peer, processes))})
+                    ours = [t / s for t, s in zip(self.toolkit_tokens(toolkit_out)[warm:], seconds["toolkit"])]
+                    theirs = [self.peer_tokens(peer, processes) / s for s in seconds[peer]]
+                    rates["toolkit"] += ours
+                    rates.setdefault(peer, []).extend(theirs)
+                    ratios.setdefault(peer, []).extend(a / b for a, b in zip(ours, theirs))
+            runtime = yaml.safe_load((toolkit_out / "config.yaml").read_text())["runtime"]
             out[processes] = {
-                "tokens_per_s": {k: statistics.median(t[k]["tokens_per_s"] for t in turns) for k in turns[0]},
-                "vs_reference": median_ratio(turns, "toolkit", "reference"),
-                "vs_trainer": median_ratio(turns, "toolkit", "trainer"),
-                "runtime": turns[0]["toolkit"]["runtime"]}
+                "tokens_per_s": {k: statistics.median(v) for k, v in rates.items()},
+                "vs_reference": statistics.median(ratios["reference"]),
+                "vs_trainer": statistics.median(ratios["trainer"]),
+                "step_pairs": len(ratios["trainer"]), "runtime": runtime}
         return out
 
     def mfu(self, one_process: dict) -> dict:
@@ -157,12 +213,17 @@ class Bench:
         return {"achieved_tflops": achieved / 1e12, "matmul_peak_tflops": peak / 1e12, "ratio": achieved / peak}
 
     def packing(self) -> dict:
+        """Non-pad tokens/s of packed against padded SFT batches, the two runs taking turns step by
+        step; their batches differ, so each run's rate is its tokens over its seconds."""
+        outs = {packed: self.work / f"toolkit-packing-{packed}" for packed in ("false", "true")}
         turns = []
         for _ in range(self.mode["rounds"]):
-            turns.append({packed: self.toolkit(1, **{"data.train": self.sft, "data.packing": packed})
-                          for packed in ("false", "true")})
-        return {"tokens_per_s": {k: statistics.median(t[k]["tokens_per_s"] for t in turns) for k in ("false", "true")},
-                "ratio": median_ratio(turns, "true", "false")}
+            seconds = self.alternated(1, {packed: ("single", self.toolkit_program(
+                out, 1, **{"data.train": self.sft, "data.packing": packed})) for packed, out in outs.items()})
+            turns.append({packed: sum(self.toolkit_tokens(out)[self.mode["warmup"]:]) / sum(seconds[packed])
+                          for packed, out in outs.items()})
+        return {"tokens_per_s": {k: statistics.median(t[k] for t in turns) for k in outs},
+                "ratio": statistics.median(t["true"] / t["false"] for t in turns)}
 
     def state_memory(self) -> dict:
         held = {}
@@ -279,13 +340,14 @@ class Bench:
 def config_processes(config: str) -> int:
     """The processes an accelerate config is written for: 2, and 4 for hsdp, whose 2 replicas x 2 shards
     mesh torch refuses on fewer."""
-    import yaml
-
     return yaml.safe_load((ROOT / "accelerate_configs" / f"{config}.yaml").read_text())["num_processes"]
 
 
-def median_ratio(turns: list[dict], ours: str, theirs: str) -> float:
-    return statistics.median(t[ours]["tokens_per_s"] / t[theirs]["tokens_per_s"] for t in turns)
+def free_port() -> int:
+    """A TCP port free now, for a launch's rendezvous: programs launched together must not share one."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def main(argv=None) -> None:

@@ -101,3 +101,41 @@ def test_each_config_is_benchmarked_on_the_processes_it_is_written_for():
     from run import config_processes
 
     assert config_processes("hsdp") == 4 and config_processes("zero3") == config_processes("ddp") == 2
+
+
+LOCKSTEP_PROGRAM = """
+import sys, time, torch
+name, log = sys.argv[1], sys.argv[2]
+weight = torch.nn.Parameter(torch.zeros(1))
+optimizer = torch.optim.SGD([weight], lr=0.1)
+def note(line):
+    with open(log, "a") as f:
+        f.write(line + "\\n")
+for step in range(4):
+    note(f"{name}{step}<")
+    time.sleep(0.2)  # the step's work
+    note(f"{name}{step}>")
+    weight.grad = torch.ones(1)
+    optimizer.step()
+"""
+
+
+def test_lockstep_programs_take_turns_step_by_step(tmp_path):
+    """benchmarks/lockstep.py, which run.py wraps around the toolkit and its peers: after the first
+    step and a rendezvous, the two programs alternate, and each step's seconds are its own work only."""
+    import subprocess
+
+    program, log = tmp_path / "train.py", tmp_path / "steps.log"
+    program.write_text(LOCKSTEP_PROGRAM)
+    procs = [subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / "lockstep.py"), "--ring", str(tmp_path),
+                               "--turn", str(turn), "--of", "2", "--steps", "4", "--", str(program), name, str(log)])
+             for turn, name in enumerate("AB")]
+    assert [proc.wait(timeout=120) for proc in procs] == [0, 0]
+    lines = log.read_text().split()
+    assert sorted(lines[:4]) == ["A0<", "A0>", "B0<", "B0>"]  # the first steps overlap (start-up)
+    # then A goes first, and no step begins before the other program's has ended
+    assert lines[4:] == [f"{name}{step}{end}" for step in (1, 2, 3) for name in "AB" for end in "<>"]
+    for turn in (0, 1):
+        seconds = json.loads((tmp_path / f"seconds-{turn}-rank0.json").read_text())
+        # Each step sleeps 0.2 s; a step that also counted its partner's would take over 0.4 s.
+        assert len(seconds) == 3 and all(0.2 <= s < 0.39 for s in seconds), seconds
