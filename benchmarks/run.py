@@ -1,7 +1,7 @@
 """The toolkit against its peers, on this machine, in one run.
 
     python benchmarks/run.py --quick --json results.json     # 14 minutes on 2 CPU cores
-    python benchmarks/run.py --json results.json --results benchmarks/RESULTS.md   # the full run, 35 to 55 minutes
+    python benchmarks/run.py --json results.json --results benchmarks/RESULTS.md   # the full run, 35 to 75 minutes
 
 Peers run the identical job (random-opt-125m shapes, the same text and tokenizer, block 128,
 global batch, fp32, seed, process count and threads per process, all under `accelerate launch`):
