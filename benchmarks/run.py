@@ -145,18 +145,21 @@ class Bench:
         return ["-m", "toolkit.train", *self.toolkit_args(out, processes, **overrides)]
 
     @staticmethod
-    def toolkit_tokens(out: Path) -> list[int]:
-        """Input tokens (non-pad, all ranks) of each optimizer step, from the run's metrics.jsonl."""
+    def toolkit_steps(out: Path) -> list[dict]:
+        """The records of the run's optimizer steps, from its metrics.jsonl."""
         records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-        return [r["input_tokens"] for r in records if "loss" in r]
+        return [r for r in records if "loss" in r]
+
+    def toolkit_tokens(self, out: Path) -> list[int]:
+        """Input tokens (non-pad, all ranks) of each optimizer step."""
+        return [r["input_tokens"] for r in self.toolkit_steps(out)]
 
     def toolkit(self, processes: int, config: str | None = None, **overrides) -> dict:
         """One toolkit run on its own: tokens/s, the median of its steps after warm-up."""
         out = self.work / "toolkit"
         config = config or ("single" if processes == 1 else "ddp")
         self.launch(config, self.toolkit_program(out, processes, **overrides), processes, f"toolkit-{config}-{processes}")
-        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-        steps = [r for r in records if "loss" in r]
+        steps = self.toolkit_steps(out)
         rates = [b["input_tokens"] / (b["time"] - a["time"]) for a, b in zip(steps, steps[1:])]
         return {"tokens_per_s": statistics.median(rates[self.mode["warmup"] - 1:])}
 

@@ -17,17 +17,18 @@ relative difference of their losses (the same initial weights, no dropout).
 from __future__ import annotations
 
 import argparse
-import ctypes
 import statistics
 import time
 
 import torch
+from accelerate import Accelerator
 from transformers import OPTConfig, OPTForCausalLM
 
 from toolkit.config import OptimConfig
 from toolkit.loss import fuse_head_and_loss
 from toolkit.model import PRESETS
 from toolkit.optim import build_optimizer
+from toolkit.strategy import tune_cpu_allocator
 
 
 def build(variant: str):
@@ -60,9 +61,7 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=4, help="timed steps after one of warm-up (and compiling)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    libc = ctypes.CDLL("libc.so.6")  # as toolkit.strategy.tune_cpu_allocator does for one process
-    libc.mallopt(-4, 0)  # M_MMAP_MAX: no mmap'd blocks
-    libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD: freed memory stays in the heap
+    tune_cpu_allocator(Accelerator(cpu=True))  # glibc as the toolkit sets it for one process
     generator = torch.Generator().manual_seed(0)
     runs = {"toolkit": build("toolkit"), args.variant: build(args.variant)}
     seconds, losses = {name: [] for name in runs}, {name: [] for name in runs}
