@@ -59,6 +59,7 @@ def test_collator_pads_dynamically_and_ignores_padding():
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 1, 1]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
+    assert batch["num_targets"] == 2  # 6 and 7: the first label has nothing before it, padding is ignored
 
 
 @pytest.mark.parametrize("length, max_length, stride", [(1, 4, 2), (4, 4, 2), (5, 4, 2), (23, 8, 3), (50, 8, 7)])

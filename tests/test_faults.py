@@ -125,22 +125,33 @@ def test_a_dead_rank_ends_the_whole_job_with_a_clear_message(text_data, tmp_path
 
 
 def test_a_diverging_run_ends_with_one_line_and_keeps_its_last_good_checkpoint(text_data, tmp_path):
+    """fp32 with infinite gradients at steps 5-7 (tests/instrumented_train.py): each is skipped and
+    bad, none is checkpointed, and the third in a row ends the run with one line naming step 4's
+    checkpoint, which holds the weights of before the divergence."""
     out = tmp_path / "run"
-    proc = launch("toolkit.train", tiny_run(text_data, out, **{"optim.lr": 1e12, "train.max_steps": 20,
-                                                               "checkpoint.every": 1, "checkpoint.keep_last": 0}),
-                  config=None, check=False)
-    train, _ = metrics(out)
-    if proc.returncode == 0:  # every step finite: acceptable, as long as it is true
-        assert all(r["loss"] == r["loss"] and abs(r["loss"]) != float("inf") for r in train)
-        return
+    run = tiny_run(text_data, out, **{"train.max_steps": 10, "checkpoint.every": 1, "checkpoint.keep_last": 0})
+    proc = launch("tests.instrumented_train", ["--overflow-steps", "5,6,7", "--", *run], config=None, check=False)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    assert len(errors) == 1 and "not finite for 3 steps in a row" in errors[0], errors
-    skipped = [r["step"] for r in train if r.get("skipped")]
-    assert skipped[-3:] == [skipped[-1] - 2, skipped[-1] - 1, skipped[-1]]
-    good = f"step-{skipped[-3] - 1:06d}"
-    assert f"the last good checkpoint is {out / 'checkpoints' / good}" in errors[0]
-    assert (out / "checkpoints" / good / "trainer_state.json").is_file()
+    good = out / "checkpoints" / "step-000004"
+    assert errors == [f"error: step 7: loss or gradient not finite for 3 steps in a row (each skipped); the last good "
+                      f"checkpoint is {good}: lower optim.lr or raise optim.warmup_steps, then resume from it"]
+    train, _ = metrics(out)
+    assert [r["step"] for r in train if r.get("skipped")] == [5, 6, 7]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [f"step-{s:06d}" for s in range(1, 5)]
+    assert not (out / "final").exists()
+
+
+@pytest.mark.distributed
+def test_preprocessing_longer_than_the_collective_timeout_does_not_end_the_job(text_data, tmp_path):
+    """Rank 0 tokenizes (here 20 s longer, as a large corpus seen for the first time would make it)
+    while rank 1 waits: it waits as long as that takes, not train.collective_timeout (8 s here)."""
+    out = tmp_path / "run"
+    run = tiny_run(text_data, out, **{"train.collective_timeout": 8, "data.num_proc": 2, "train.max_steps": 2})
+    started = time.monotonic()
+    launch("tests.instrumented_train", ["--slow-preprocessing", "20", "--", *run], config="ddp", extra=FP32)
+    assert time.monotonic() - started > 20
+    assert [r["step"] for r in metrics(out)[0]] == [1, 2] and (out / "final" / "model.safetensors").is_file()
 
 
 def test_a_stale_lock_is_taken_over_and_a_live_one_refused(tmp_path, capsys):
@@ -159,6 +170,55 @@ def test_a_stale_lock_is_taken_over_and_a_live_one_refused(tmp_path, capsys):
     (tmp_path / ".lock").write_text(json.dumps({"host": "other-node", "pid": 1, "started": None, "since": "x"}))
     with pytest.raises(job.UserError, match="in use by PID 1 on other-node .* if no run is active on other-node"):
         job.OutputLock(tmp_path)
+
+
+def test_a_lock_that_cannot_be_read_is_waited_for_then_refused_never_taken_over(tmp_path, monkeypatch):
+    """An empty .lock is another process between creating and writing it (an older toolkit), or a
+    garbled one: neither may be read as "PID -1, dead" and taken over."""
+    import threading
+
+    lock = tmp_path / ".lock"
+    lock.write_text("")
+    monkeypatch.setattr(job, "UNREADABLE_LOCK_WAIT_SECONDS", 0.3)
+    with pytest.raises(job.UserError, match=f"has a lock that cannot be read \\({lock} is empty or garbled\\): "
+                                            f"if no run is active in it, delete {lock}$"):
+        job.OutputLock(tmp_path)
+    assert lock.read_text() == ""  # left to its writer
+
+    # A writer that finishes within the wait is then seen as what it is: a live holder.
+    monkeypatch.setattr(job, "UNREADABLE_LOCK_WAIT_SECONDS", 10)
+    holder = {"host": os.uname().nodename, "pid": os.getpid(), "started": None, "since": "now"}
+    writer = threading.Timer(0.3, lambda: lock.write_text(json.dumps(holder)))
+    writer.start()
+    with pytest.raises(job.UserError, match=f"is in use by PID {os.getpid()} on {os.uname().nodename}"):
+        job.OutputLock(tmp_path)
+    writer.join()
+
+
+def test_the_lock_appears_with_its_content(tmp_path, monkeypatch):
+    """Created by linking a complete file to .lock: no reader can find it empty."""
+    linked = []
+    real_link = os.link
+
+    def link(src, dst):
+        linked.append((json.loads(open(src).read()), os.path.exists(dst)))
+        real_link(src, dst)
+
+    monkeypatch.setattr(os, "link", link)
+    lock = job.OutputLock(tmp_path)
+    assert linked == [(lock.mine, False)]
+    assert [p.name for p in tmp_path.iterdir()] == [".lock"]  # the file it was linked from is gone
+    assert json.loads((tmp_path / ".lock").read_text()) == lock.mine
+    lock.release()
+
+
+def test_a_refusal_after_the_lock_is_claimed_releases_it(text_data, tmp_path):
+    """check_optimizer refuses after main() has claimed output_dir: the lock must go with the run."""
+    out = tmp_path / "run"
+    proc = launch("toolkit.train", tiny_run(text_data, out, **{"optim.name": "deepspeed"}), config=None, check=False)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1 and "optim.name=deepspeed" in errors[0], proc.stderr[-3000:]
+    assert out.is_dir() and not (out / ".lock").exists()
 
 
 def _alive(pid: int) -> bool:

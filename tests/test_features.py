@@ -1,5 +1,5 @@
 """Training features, each visible in what the run does: exact accumulation on variable-length SFT
-data, real bf16/fp16 (with loss scaling that skips overflowing steps), activation checkpointing,
+data, real bf16/fp16 (the loss scaler decides which steps happen), activation checkpointing,
 and LoRA with a non-empty adapter under ZeRO-3 and FSDP."""
 
 import json
@@ -63,28 +63,49 @@ def deepspeed_has_fp16() -> bool:
     return bool(get_accelerator().is_fp16_supported())
 
 
+# Tolerances against fp32 (rel., the loss of each of 4 steps). A 16-bit matmul rounds its inputs to
+# 8 (bf16) or 11 (fp16) significant bits, u = 2^-9 = 2e-3 or 2^-12 = 2.4e-4 per element; the loss
+# averages thousands of such products, and measured here it moved by at most 1.0e-4 (bf16, DeepSpeed)
+# and 3.4e-5 (fp16, DDP). 10x the measured and still below u: a loss rounded to bf16 itself (FSDP2
+# before its outputs were left in fp32: 7.65625, 3.9e-3 off) or a step skipped wrongly fails.
+PRECISION_RTOL = {"bf16": 1e-3, "fp16": 3e-4}
+
+
 @pytest.mark.distributed
-@pytest.mark.parametrize("config", ["ddp", "zero2"])
+@pytest.mark.parametrize("config", ["ddp", "fsdp", "zero2", "zero3"])
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
-def test_reduced_precision_really_runs(config, precision, fp32_runs, text_data, tmp_path):
+def test_reduced_precision_really_runs(config, precision, fp32_runs, text_data, tmp_path, tmp_path_factory):
     """The matmuls really run in bf16/fp16 (the dtype a linear layer's output has in the first
-    forward, recorded by the run), and the losses stay close to fp32: bf16 keeps ~3 significant
-    digits and fp16 ~4 in the matmuls, so 4 steps stay within 1e-2 relative."""
-    if config == "zero2" and precision == "fp16" and not deepspeed_has_fp16():
-        # DeepSpeed's accelerator here has no fp16 (on CPU: unless oneDNN has it, as on CPUs with
-        # AVX512-FP16): the run must refuse before any work
-        proc = launch("toolkit.train", tiny_run(text_data, tmp_path), config=config,
-                      extra=["--mixed_precision", precision], check=False)
-        assert proc.returncode != 0 and "error: DeepSpeed's cpu accelerator has no fp16" in proc.stderr
-        assert not (tmp_path / "metrics.jsonl").exists()
+    forward, recorded by the run), gradients are reduced in the dtype the run records, and the
+    losses stay within 16-bit rounding of fp32 (PRECISION_RTOL). fp16 steps that the loss scaler
+    skipped (FSDP2's fp16 parameters overflow at the initial scale of 2^16, as on a GPU) are
+    compared with an fp32 run that skips the same steps."""
+    proc = launch("toolkit.train", tiny_run(text_data, tmp_path), config=config,
+                  extra=["--mixed_precision", precision], check=False)
+    if config.startswith("zero") and precision == "fp16" and refused_without_fp16(proc, tmp_path):
         return
-    launch("toolkit.train", tiny_run(text_data, tmp_path), config=config, extra=["--mixed_precision", precision])
-    assert runtime(tmp_path)["mixed_precision"] == precision
-    ours, reference = metrics(tmp_path)[0], metrics(fp32_runs["ddp"])[0]
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    info = runtime(tmp_path)
+    assert info["mixed_precision"] == precision
+    # DDP and FSDP sum gradients over ranks and micro-batches in fp32; DeepSpeed in its communication
+    # dtype, which is the 16-bit one unless its JSON sets communication_data_type.
+    assert info["grad_reduce_dtype"] == ("float32" if config in ("ddp", "fsdp") else
+                                         {"bf16": "bfloat16", "fp16": "float16"}[precision])
+    ours = metrics(tmp_path)[0]
+    skipped = [r["step"] for r in ours if r.get("skipped")]
+    reference = metrics(fp32_runs["ddp"])[0]
+    if skipped:
+        assert config == "fsdp" and precision == "fp16", skipped
+        same_skips = tmp_path_factory.mktemp("fp32_skipping")
+        launch("tests.instrumented_train", ["--overflow-steps", ",".join(map(str, skipped)), "--",
+                                            *tiny_run(text_data, same_skips)], config="ddp", extra=FP32)
+        reference = metrics(same_skips)[0]
     assert {r["compute_dtype"] for r in ours} == {"bfloat16" if precision == "bf16" else "float16"}
     assert {r["compute_dtype"] for r in reference} == {"float32"}
     for a, b in zip(reference, ours):
-        assert b["loss"] == pytest.approx(a["loss"], rel=1e-2), a["step"]
+        assert b["loss"] == pytest.approx(a["loss"], rel=PRECISION_RTOL[precision]), a["step"]
+    print(f"{config} {precision}: max relative loss difference to fp32 "
+          f"{max(abs(b['loss'] - a['loss']) / a['loss'] for a, b in zip(reference, ours)):.2e}, skipped {skipped}")
     if precision == "fp16":
         assert all(r["loss_scale"] > 1 for r in ours)  # dynamic loss scaling is on
     # final/ holds the fp32 master weights under every strategy (DeepSpeed trains a bf16 copy of
@@ -95,33 +116,131 @@ def test_reduced_precision_really_runs(config, precision, fp32_runs, text_data, 
     assert weight.dtype == torch.float32 and (weight != weight.to(torch.bfloat16).float()).any()
 
 
-def test_fp16_on_cpu_skips_an_overflowing_step_and_leaves_weights_untouched():
-    """accelerate alone trains "fp16" in fp32 on CPU; the toolkit switches on autocast and a
-    GradScaler. An inf gradient must skip the step, keep the weights and halve the scale."""
-    from accelerate.state import AcceleratorState
+OVERFLOWS = (3, 4, 5)  # optimizer steps whose gradients tests.instrumented_train makes infinite
+FP16_CONFIGS = ["single", *(pytest.param(c, marks=pytest.mark.distributed) for c in ("ddp", "fsdp", "zero2"))]
 
-    from toolkit import strategy
 
-    AcceleratorState._reset_state(True)
-    try:
-        accelerator = strategy.Accelerator(mixed_precision="fp16", cpu=True)
-        strategy.enable_cpu_fp16(accelerator)
-        model = torch.nn.Linear(4, 4)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
-        model, optimizer = accelerator.prepare(model, optimizer)
-        out = model(torch.ones(2, 4))
-        assert out.dtype == torch.float32 and accelerator.native_amp  # autocast ran, outputs upcast
-        before = {k: v.clone() for k, v in model.state_dict().items()}
-        scale = accelerator.scaler.get_scale()
-        accelerator.backward(out.sum() * float("inf"))
-        accelerator.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        assert accelerator.optimizer_step_was_skipped
-        assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-        assert accelerator.scaler.get_scale() == scale / 2
-        assert strategy.step_stats(accelerator, optimizer)["skipped"] is True
-    finally:
-        AcceleratorState._reset_state(True)
+def fp16_with_overflows(config, text_data, out, **overrides):
+    """8 steps of fp16 with infinite gradients at OVERFLOWS (as an overflow on a GPU), evaluating
+    after every step, so the held-out loss shows whether the weights moved."""
+    run = tiny_run(text_data, out, **{"train.max_steps": 8, "eval.every": 1, "eval.max_batches": 1, **overrides})
+    return launch("tests.instrumented_train", ["--overflow-steps", ",".join(map(str, OVERFLOWS)), "--", *run],
+                  config=config, extra=["--mixed_precision", "fp16"], check=False)
+
+
+def refused_without_fp16(proc, out) -> bool:
+    """DeepSpeed's accelerator here may have no fp16 (on CPU: unless oneDNN has it, as on CPUs with
+    AVX512-FP16); then the run must refuse before any work."""
+    if deepspeed_has_fp16():
+        return False
+    assert proc.returncode != 0 and "error: DeepSpeed's cpu accelerator has no fp16" in proc.stderr
+    assert not (out / "metrics.jsonl").exists()
+    return True
+
+
+def one_error_line(proc) -> str:
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    toolkit_frames = [line for line in proc.stderr.splitlines() if "/toolkit/" in line and 'File "' in line]
+    assert proc.returncode != 0 and len(errors) == 1 and not toolkit_frames, proc.stderr[-3000:]
+    return errors[0]
+
+
+@pytest.mark.parametrize("config", FP16_CONFIGS)
+def test_an_fp16_overflow_is_skipped_by_the_loss_scaler_and_training_goes_on(config, text_data, tmp_path):
+    """The scaler decides: an overflowing step is skipped (not one weight moves, so the held-out
+    loss after it is the one before it, to the bit), the scale drops, and the run trains on to its
+    end. An overflow is not a bad step. (FSDP2 computes with fp16 parameters, whose first steps also
+    overflow by themselves at the initial scale of 2^16, as they do on a GPU.)"""
+    proc = fp16_with_overflows(config, text_data, tmp_path)
+    if config == "zero2" and refused_without_fp16(proc, tmp_path):
+        return
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    train, evals = metrics(tmp_path)
+    assert [r["step"] for r in train] == list(range(1, 9)) and (tmp_path / "final" / "model.safetensors").is_file()
+    held_out = {r["step"]: r["eval_loss"] for r in evals}
+    scale = {0: 2.0**16, **{r["step"]: r["loss_scale"] for r in train}}
+    for r in train:
+        step = r["step"]
+        assert r["overflow"] == (1 if r.get("skipped") else 0), r
+        if step in OVERFLOWS:
+            assert r.get("skipped"), r
+        if r.get("skipped"):
+            assert held_out[step] == held_out[step - 1], step
+            if config != "zero2":  # DeepSpeed first spends its hysteresis (2): see below
+                assert scale[step] == scale[step - 1] / 2, step
+        else:
+            assert held_out[step] != held_out[step - 1] and scale[step] == scale[step - 1], step
+    if config == "zero2":  # of the three overflows in a row, the first only uses up the hysteresis
+        assert scale[OVERFLOWS[-1]] == scale[OVERFLOWS[0] - 1] / 4
+    assert not any(r.get("skipped") for r in train[OVERFLOWS[-1]:])  # it trains on at the lower scale
+    print(f"{config}: loss scale by step {[scale[s] for s in sorted(scale)]}")
+
+
+@pytest.mark.parametrize("config", FP16_CONFIGS)
+def test_an_fp16_overflow_at_the_scale_floor_ends_the_run_with_one_line(config, text_data, tmp_path):
+    """The same overflows with the scale's floor at its initial value: each is a bad step, and the
+    third in a row ends the run with one line that names the last good checkpoint."""
+    proc = fp16_with_overflows(config, text_data, tmp_path, **{
+        "train.min_loss_scale": 2**16, "checkpoint.every": 1, "checkpoint.keep_last": 0})
+    if config == "zero2" and refused_without_fp16(proc, tmp_path):
+        return
+    error = one_error_line(proc)
+    train, _ = metrics(tmp_path)
+    stopped = train[-1]["step"]
+    assert stopped <= OVERFLOWS[-1] and [r["step"] for r in train if r.get("skipped")][-3:] == [
+        stopped - 2, stopped - 1, stopped]
+    assert all(r["loss_scale"] == 2**16 for r in train)  # never below its floor
+    assert f"step {stopped}: fp16 gradients overflowing with the loss scale at its floor (65536) for 3 steps " \
+           "in a row" in error
+    good = tmp_path / "checkpoints" / f"step-{stopped - 3:06d}"
+    assert (f"the last good checkpoint is {good}" in error) if stopped > 3 else ("no checkpoint was saved" in error)
+    assert not (tmp_path / "final").exists()
+
+
+def test_deepspeed_overflows_are_counted_with_its_own_scaler(monkeypatch):
+    """The guard under DeepSpeed fp16 (which this CPU may not run), with DeepSpeed's own loss scaler
+    driven as its ZeRO optimizer drives it: its hysteresis, its floor, and no exception at the floor
+    (DeepSpeed raises a bare Exception there by default: a traceback instead of the one-line error)."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+    from deepspeed.runtime.fp16 import loss_scaler
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler
+
+    from toolkit.guard import StepGuard
+
+    monkeypatch.setattr(loss_scaler.dist, "get_rank", lambda: 0)  # it names the rank in its overflow message
+
+    scaler = DynamicLossScaler(init_scale=2.0**16, scale_window=1000, min_scale=2.0**15,
+                               delayed_shift=2, consecutive_hysteresis=False, dtype=torch.float16)
+    zero = SimpleNamespace(loss_scaler=scaler, overflow=False, cur_scale=scaler.cur_scale)
+
+    class Engine:  # accelerate's DeepSpeedOptimizerWrapper: its step() is a no-op, DeepSpeed stepped in backward
+        optimizer = zero
+
+        def step(self):
+            pass
+
+    accelerator = SimpleNamespace(scaler=None, distributed_type=DistributedType.DEEPSPEED, device=torch.device("cpu"),
+                                  state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(
+                                      deepspeed_config={"fp16": {"enabled": True}})))
+    guard = StepGuard(accelerator, Engine(), min_loss_scale=1.0)
+    assert guard.min_loss_scale == 2.0**15 and scaler.raise_error_at_min_scale is False
+    advanced, scales = [], []
+    for overflow in (False, True, True, True, True, False):
+        zero.overflow = overflow
+        if overflow:  # what the ZeRO optimizer does in its step
+            scaler.update_scale(True)
+        zero.cur_scale = scaler.cur_scale
+        advanced.append(guard.step(Engine(), torch.tensor(1.0), torch.tensor(float("inf") if overflow else 1.0)))
+        scales.append(guard.scale)
+    assert advanced == [True, False, False, False, False, True]
+    # hysteresis 2: the first overflow keeps the scale; then halved, then held at the floor 2^15
+    assert scales == [2.0**16, 2.0**16, 2.0**15, 2.0**15, 2.0**15, 2.0**15]
+    health = guard.read()
+    assert health == {"bad_in_a_row": 2, "healthy": True, "skipped": False,  # steps 4 and 5: at the floor
+                      "loss_is_finite": True}
+    assert guard.scale_record() == {"loss_scale": 2.0**15, "overflow": 4}
 
 
 @pytest.mark.distributed

@@ -5,6 +5,7 @@ import copy
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import OPTConfig, OPTForCausalLM
 
 from toolkit import loss as loss_lib, strategy
@@ -59,7 +60,7 @@ def test_fused_loss_under_bf16_autocast_computes_the_head_in_bf16():
     assert fused.lm_head.weight.grad.dtype == torch.float32
 
 
-def test_evaluation_and_generation_keep_the_logits():
+def test_forwards_without_gradients_and_generation_keep_the_logits():
     fused = loss_lib.fuse_head_and_loss(tiny_model())
     batch = batch_with_ignored_labels()
     with torch.no_grad():
@@ -80,7 +81,7 @@ def test_packed_sft_rows_score_each_example_as_if_it_were_alone():
     model = tiny_model()
 
     def token_nlls(batch):
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        inputs = {k: v for k, v in batch.items() if k not in ("labels", "num_targets")}
         logits = model(**inputs).logits[:, :-1]
         targets = batch["labels"][:, 1:]
         nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets.clamp(min=0), reduction="none")
@@ -110,3 +111,44 @@ def test_each_process_computes_with_its_share_of_the_cores(env, asked, expected,
         assert torch.get_num_threads() == expected[0]
     finally:
         torch.set_num_threads(before)
+
+
+class LargestTensor(TorchDispatchMode):
+    """The most elements any tensor an operation produced had, while the mode is on."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        sizes = [t.numel() for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+        self.largest = max([self.largest, *sizes])
+        return out
+
+
+def test_evaluation_scores_through_the_chunked_head_without_full_logits(monkeypatch):
+    """Held-out windows are 2048 positions for a real OPT: evaluation must not hold [batch,
+    sequence, vocab] logits (nor their log-softmax), training's chunks serve it too. Same numbers as
+    transformers' full logits, to fp32 summation order (1e-6)."""
+    from types import SimpleNamespace
+
+    from toolkit.validation import evaluate_model
+
+    monkeypatch.setattr(loss_lib, "CHUNK_BYTES", 16 * 2048 * 4)  # 16 positions a chunk
+    plain = tiny_model()
+    fused = loss_lib.fuse_head_and_loss(copy.deepcopy(plain), training=False)
+    batch = {**batch_with_ignored_labels(), "n_bytes": torch.tensor([7, 0, 5, 0]),
+             "documents": torch.tensor([1, 0, 1, 0])}
+    one_process = SimpleNamespace(gather_for_metrics=lambda t: t)
+    with LargestTensor() as seen:
+        ours = evaluate_model(fused, [batch], one_process)
+    with torch.no_grad():
+        logits = plain(input_ids=batch["input_ids"]).logits[:, :-1]
+    targets = batch["labels"][:, 1:]
+    scored = targets != IGNORE
+    nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets.clamp(min=0), reduction="none")[scored]
+    assert ours["tokens"] == int(scored.sum())
+    assert ours["loss"] == pytest.approx(nll.double().mean().item(), rel=1e-6)
+    assert ours["accuracy"] == pytest.approx((logits.argmax(-1) == targets)[scored].double().mean().item(), abs=1e-12)
+    assert seen.largest < batch["input_ids"].numel() * 2048  # full logits: [4, 48, 2048]; the largest here is a weight

@@ -336,6 +336,25 @@ def test_deepspeed_json_that_contradicts_the_run_config_is_refused(tmp_path, mon
     assert plugin.deepspeed_config["train_batch_size"] == 16 and plugin.deepspeed_config["gradient_clipping"] == 1.0
 
 
+def test_the_fp16_loss_scale_floor_comes_from_the_run_config(tmp_path, monkeypatch):
+    """The shipped JSONs say "min_loss_scale": "auto"; a number there that contradicts
+    train.min_loss_scale is refused, as the batch keys are."""
+    path = tmp_path / "ds.json"
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(path))
+    cfg = RunConfig()
+    cfg.train.min_loss_scale = 1024
+    for shipped in (ROOT / "ds_configs").glob("*.json"):
+        path.write_text(shipped.read_text())
+        plugin = SimpleNamespace(deepspeed_config=json.loads(shipped.read_text()))
+        strategy.fill_deepspeed_config(plugin, cfg, num_processes=2)
+        assert plugin.deepspeed_config["fp16"]["min_loss_scale"] == 1024, shipped.name
+    path.write_text(json.dumps({"fp16": {"enabled": "auto", "min_loss_scale": 1}, "zero_optimization": {"stage": 2}}))
+    plugin = SimpleNamespace(deepspeed_config={"fp16": {"enabled": "auto", "min_loss_scale": 1},
+                                               "zero_optimization": {"stage": 2}})
+    with pytest.raises(UserError, match='sets fp16.min_loss_scale=1 but the run config has train.min_loss_scale=1024'):
+        strategy.fill_deepspeed_config(plugin, cfg, num_processes=2)
+
+
 def test_zero3_working_set_auto_is_two_decoder_layers(tmp_path, monkeypatch):
     """"auto" in a ZeRO-3 JSON: gathered parameters are kept and prefetched up to two decoder
     layers of the run's model (DeepSpeed's own default, 1e9, is all of a model below 1B)."""

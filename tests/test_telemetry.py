@@ -94,6 +94,27 @@ def test_cpu_probe_measures_a_plausible_peak():
     assert 1e-4 < tflops < 50
 
 
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="Linux only: peaks can't be reset elsewhere")
+def test_cpu_peak_memory_counts_from_the_last_reset():
+    """Each phase's peak (MemoryAtStart, the training summary) must not be an older peak. getrusage's
+    ru_maxrss keeps, for good, the peak of what the process ran before its exec (a launcher, a
+    wrapper), which no reset clears: here 800 MB, allocated before the exec."""
+    measure = (
+        "import torch\n"
+        "from toolkit import telemetry\n"
+        "telemetry.reset_peak_memory()\n"
+        "before = telemetry.memory_now_gb()\n"
+        "small = torch.ones(50 * 2**20, dtype=torch.uint8)  # written, so resident\n"
+        "print(telemetry.peak_memory_gb() - before)\n")
+    exec_after_800_mb = ("import os, sys\n"
+                         "big = b'x' * (800 * 2**20)\n"
+                         f"os.execv(sys.executable, [sys.executable, '-c', {measure!r}])\n")
+    proc = subprocess.run([sys.executable, "-c", exec_after_800_mb], cwd=ROOT,
+                          env=environment(CUDA_VISIBLE_DEVICES=""), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert 0.04 < float(proc.stdout) < 0.2  # the 50 MB, not the 800 MB
+
+
 def test_known_noise_is_dropped_and_nothing_else():
     import torch
     import torch.distributed as dist

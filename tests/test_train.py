@@ -198,16 +198,32 @@ def test_a_resume_that_would_train_something_else_is_refused(single_run):
     assert checkpoint.check_resume(step_4, cfg, num_processes=1, running_layout="full")["batch"] == 16
 
 
+def test_a_resume_with_another_packing_or_data_fields_is_refused(tmp_path):
+    """They change what the saved data position counts, so resuming under them trains other data."""
+    cfg = config_lib.RunConfig(output_dir=str(tmp_path))
+    cfg.data.train = "train.jsonl"
+    saved = checkpoint.save(fake_accelerator(), cfg, {"step": 2, "epoch": 0, "batch": 2, "tokens": 0})
+    for key, value in (("data.packing", True), ("data.text_field", "body"), ("data.prompt_field", "question"),
+                       ("data.response_field", "answer")):
+        cfg = config_lib.load(saved / "config.yaml")
+        section, name = key.split(".")
+        setattr(getattr(cfg, section), name, value)
+        with pytest.raises(UserError, match=f"the run differs from it in {key} "):
+            checkpoint.check_resume(saved, cfg, num_processes=1, running_layout="full")
+
+
 @pytest.fixture(scope="module")
 def epoch_runs(text_data, tmp_path_factory):
-    """Two epochs of a small data set, logged every 2 steps, checkpoints every 3; then a second
-    run resumed by path from the last checkpoint before the epoch boundary."""
+    """Two epochs of a small data set, logged every 2 steps (and asked for a stop signal as often),
+    checkpoints every 3; then a second run resumed by path from the last checkpoint before the
+    epoch boundary. The first counts the values each step reads back from the device."""
     root = tmp_path_factory.mktemp("epochs")
     small = root / "small.jsonl"
     small.write_text("".join(text_data.read_text().splitlines(keepends=True)[:40]))
-    args = {"train.max_steps": 0, "train.epochs": 2, "train.log_every": 2, "checkpoint.every": 3,
-            "checkpoint.keep_last": 0, "eval.every": 0}
-    launch("toolkit.train", tiny_run(small, root / "full", **args), config=None)
+    args = {"train.max_steps": 0, "train.epochs": 2, "train.log_every": 2, "train.stop_check_every": 2,
+            "checkpoint.every": 3, "checkpoint.keep_last": 0, "eval.every": 0}
+    launch("tests.instrumented_train", ["--count-conversions", str(root / "read_backs.json"), "--",
+                                        *tiny_run(small, root / "full", **args)], config=None)
     per_epoch = runtime(root / "full")["max_steps"] // 2
     before_boundary = per_epoch - per_epoch % 3 if per_epoch % 3 else per_epoch - 3
     resumed = root / "resumed"
@@ -232,6 +248,18 @@ def test_epochs_count_steps_and_log_every_n(epoch_runs):
     assert {r["epoch"] for r in metrics(full)[0]} == {0, 1}
     state = json.loads((full / "checkpoints" / f"step-{steps:06d}" / "trainer_state.json").read_text())
     assert (state["epoch"], state["batch"]) == (1, len(blocks) // 4)  # the second epoch, all taken
+
+
+def test_only_steps_that_log_or_save_read_values_back_from_the_device(epoch_runs):
+    """On a GPU every .item(), float(tensor), bool(tensor), ... waits for the device to finish all
+    the work queued so far, so the host can't queue the next step ahead. Steps that neither log, save
+    nor ask for a stop signal read nothing back (tests/instrumented_train.py counts them)."""
+    full = epoch_runs[0]
+    counts = {int(step): n for step, n in json.loads((full.parent / "read_backs.json").read_text()).items()}
+    steps = runtime(full)["max_steps"]
+    quiet = [s for s in range(1, steps) if s % 2 and s % 3]
+    assert len(quiet) >= 2 and not any(counts.get(s) for s in quiet), counts
+    assert all(counts.get(s) for s in range(2, steps + 1, 2)), counts  # and it sees the reads of the others
 
 
 def test_resume_by_path_across_an_epoch_boundary_is_exact(epoch_runs):
@@ -275,6 +303,30 @@ def test_an_interrupted_save_is_skipped_and_a_failed_one_keeps_the_earlier(tmp_p
                                         r"earlier checkpoints are intact \(newest: step-000002\)"):
         checkpoint.save(accelerator, cfg, {"step": 6})
     assert checkpoint.find_resume("auto", tmp_path).name == "step-000002"
+
+
+def test_a_checkpoint_carries_its_tokenizer_and_loads_wherever_it_is_copied(text_data, tmp_path):
+    """A preset's tokenizer is trained by the run: a checkpoint copied away from its run directory
+    must still be loadable for evaluation and export."""
+    from safetensors.torch import save_file
+
+    from toolkit.model import build_tokenizer, initial_model
+
+    cfg = config_lib.RunConfig(output_dir=str(tmp_path / "run"))
+    cfg.model.name_or_path, cfg.data.train = "tiny-opt", str(text_data)
+    tokenizer = build_tokenizer(cfg.model, (json.loads(line)["text"] for line in text_data.read_text().splitlines()))
+    trained = initial_model(cfg.model, tokenizer, seed=cfg.train.seed + 1)  # other weights than the run's start
+    weights = {k: v.clone() for k, v in trained.state_dict().items()}  # clones: safetensors refuses tied tensors
+    accelerator = fake_accelerator()
+    accelerator.save_state = lambda d: save_file(weights, f"{d}/model.safetensors")
+    saved = checkpoint.save(accelerator, cfg, {"step": 2}, tokenizer=tokenizer)
+    copy = tmp_path / "elsewhere" / saved.name
+    shutil.copytree(saved, copy)
+    shutil.rmtree(tmp_path / "run")
+    model, loaded, _ = checkpoint.load_model(copy)
+    assert loaded.get_vocab() == tokenizer.get_vocab() and loaded("a b").input_ids == tokenizer("a b").input_ids
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, weights[name]), name
 
 
 def test_resuming_an_older_checkpoint_sets_the_newer_ones_aside(tmp_path):

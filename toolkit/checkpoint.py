@@ -3,8 +3,9 @@ load a checkpoint's model (for evaluation and export); write Hugging Face model 
 
 A resumable checkpoint `checkpoints/step-000200/` is `accelerator.save_state` (model, optimizer,
 scheduler, RNG; in the strategy's own layout) plus the toolkit's `trainer_state.json` (step,
-data position) and the run's `config.yaml`. It is written to `step-000200.tmp/` and renamed only
-once complete, so a crash never leaves a half-written checkpoint that looks complete.
+data position), the run's `config.yaml` and its `tokenizer/`. It is written to `step-000200.tmp/`
+and published (files.publish_dir) only once complete and on disk, so a crash, even of the machine,
+never leaves a half-written checkpoint that looks complete.
 """
 
 from __future__ import annotations
@@ -17,14 +18,16 @@ from pathlib import Path
 
 from . import config as config_lib, job
 from .config import RunConfig, UserError
-from .files import replaced_dir
+from .files import publish_dir, replaced_dir, scratch_dir, tmp_name
 
 STATE_FILE = "trainer_state.json"
 STEP_DIR = re.compile(r"^step-(\d+)$")
 # What a resumed run must share with the checkpoint: anything else would silently train another
 # model or another data order. (Step counts, cadences, evaluation and output settings may change.)
+# The packing and the data's field names change what the saved data position counts.
 MUST_MATCH = ("model.name_or_path", "model.revision", "data.train", "data.eval", "data.eval_fraction",
-              "data.block_size", "data.format", "data.split", "train.seed", "optim.name", "lora.enabled", "lora.r",
+              "data.block_size", "data.format", "data.split", "data.packing", "data.text_field",
+              "data.prompt_field", "data.response_field", "train.seed", "optim.name", "lora.enabled", "lora.r",
               "lora.alpha", "lora.target_modules")
 
 
@@ -53,26 +56,27 @@ def layout(path: Path) -> str:
 # --- saving and resuming ------------------------------------------------------------------------
 
 
-def save(accelerator, cfg: RunConfig, trainer_state: dict, keep: Path | None = None) -> Path:
+def save(accelerator, cfg: RunConfig, trainer_state: dict, keep: Path | None = None, tokenizer=None) -> Path:
     """All ranks (save_state gathers or writes shards on every rank). Keeps the newest
-    `checkpoint.keep_last`, never `keep` (the checkpoint this run resumed from)."""
+    `checkpoint.keep_last`, never `keep` (the checkpoint this run resumed from). With `tokenizer`
+    the checkpoint carries it, so it can be evaluated or exported wherever it is copied."""
     root = Path(cfg.output_dir) / "checkpoints"
     final = root / f"step-{trainer_state['step']:06d}"
-    tmp = final.with_name(final.name + ".tmp")
+    tmp = tmp_name(final)
     failed = _save_failed(root, final)
     with job.stop_together(accelerator, failed):
         if accelerator.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a crash while saving this very step
-            tmp.mkdir(parents=True)
+            scratch_dir(final)
     with job.stop_together(accelerator, failed):  # ends once every rank has written its part
         accelerator.save_state(str(tmp))  # all ranks
-    with job.stop_together(accelerator, failed):
+    # Patient: deleting old checkpoints on a slow filesystem may take longer than train.collective_timeout.
+    with job.stop_together(accelerator, failed, patient=True):
         if accelerator.is_main_process:
             (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=2))
             config_lib.save(cfg, tmp / "config.yaml")
-            if final.exists():  # the same step saved again after a resume: replace it whole
-                shutil.rmtree(final)
-            tmp.rename(final)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp / "tokenizer")
+            publish_dir(tmp, final)  # the same step saved again after a resume is replaced whole
             if cfg.checkpoint.keep_last:
                 for old in checkpoint_dirs(root)[:-cfg.checkpoint.keep_last]:
                     if keep is None or old.resolve() != keep.resolve():
@@ -169,8 +173,12 @@ def run_model(step_dir: Path):
     if not (step_dir / STATE_FILE).is_file() or not (step_dir / "config.yaml").is_file():
         raise UserError(f"{step_dir} is not a complete toolkit checkpoint (no {STATE_FILE} or config.yaml)")
     cfg = config_lib.load(step_dir / "config.yaml")
-    # Presets keep their trained tokenizer in runs/x/tokenizer/; hub models load theirs by id.
-    tokenizer = build_tokenizer(cfg.model, cache_dir=step_dir.parent.parent / "tokenizer")
+    if (step_dir / "tokenizer").is_dir():  # the checkpoint's own: it loads wherever the checkpoint was copied
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(step_dir / "tokenizer")
+    else:  # an older checkpoint: presets kept their trained tokenizer in runs/x/tokenizer/, hub models load by id
+        tokenizer = build_tokenizer(cfg.model, cache_dir=step_dir.parent.parent / "tokenizer")
     model = initial_model(cfg.model, tokenizer, cfg.train.seed)
     if cfg.lora.enabled:
         model = apply_lora(model, cfg.lora)

@@ -109,6 +109,9 @@ class DataConfig:
     """Column holding the prompts of sft data (not trained on)."""
     response_field: str = "response"
     """Column holding the responses of sft data (trained on)."""
+    num_proc: int = 1
+    """Processes that tokenize and pack the data (datasets' `map`), on the main process the first time; later
+    runs reuse the cache. The other ranks wait for it as long as it takes."""
 
 
 @dataclass
@@ -131,7 +134,16 @@ class TrainConfig:
     peak_tflops: float = 0.0
     """Peak TFLOP/s of one device, the denominator of `mfu`; 0: a table of known GPUs, or a matmul probe on CPU."""
     max_bad_steps: int = 3
-    """Stop after this many optimizer steps in a row with a non-finite loss or gradient (each is skipped)."""
+    """Stop after this many bad optimizer steps in a row (each is skipped): a non-finite loss or gradient; under
+    fp16 a non-finite loss, or an overflow with the loss scale at `min_loss_scale` (an overflow above it is
+    normal: the scaler skips the step and halves the scale)."""
+    min_loss_scale: float = 1.0
+    """fp16: the floor of the dynamic loss scale (torch's GradScaler; under DeepSpeed the JSON's
+    fp16.min_loss_scale, "auto" there takes this value)."""
+    stop_check_every: int = 1
+    """Ask every rank whether one received SIGTERM/SIGINT (a preemption notice) every N optimizer steps; they
+    stop together at the first such step, after saving a checkpoint. The vote runs on the CPU, never waiting for
+    the GPU."""
     collective_timeout: float = 600.0
     """Seconds a collective (all-reduce, barrier, ...) may wait for a dead or stalled rank before the job ends."""
     fused_loss: bool = True
@@ -175,7 +187,7 @@ class OptimConfig:
 @dataclass
 class EvalConfig:
     every: int = 0
-    """Evaluate on held-out data every N optimizer steps (0: off) and at the end of training."""
+    """Evaluate on held-out data before training, every N optimizer steps and at the end; 0: only at the end."""
     micro_batch_size: int = 8
     """Held-out sequences per process per forward pass."""
     max_batches: int = 0
@@ -254,7 +266,8 @@ CHOICES = {
     "ddp.comm_hook": ("none", "bf16", "fp16", "powersgd"),
 }
 POSITIVE = ("data.block_size", "train.micro_batch_size", "train.grad_accum_steps", "train.log_every",
-            "train.max_bad_steps", "train.collective_timeout",
+            "train.max_bad_steps", "train.collective_timeout", "train.min_loss_scale", "train.stop_check_every",
+            "data.num_proc",
             "eval.micro_batch_size", "lora.r", "lora.alpha", "optim.lr", "ddp.powersgd_rank", "ddp.bucket_cap_mb")
 NON_NEGATIVE = ("train.max_steps", "train.epochs", "train.peak_tflops", "optim.weight_decay", "optim.warmup_steps",
                 "optim.max_grad_norm", "eval.every", "eval.max_batches", "checkpoint.every", "train.profile_steps",
@@ -430,4 +443,6 @@ def to_dict(cfg: RunConfig) -> dict:
 
 
 def save(cfg: RunConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    from .files import write_text  # (imports nothing from the package either)
+
+    write_text(Path(path), yaml.safe_dump(to_dict(cfg), sort_keys=False))  # never a half-written config.yaml

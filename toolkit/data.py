@@ -114,10 +114,12 @@ def check_block_size(block_size: int, max_positions: int) -> None:
 PIPELINE_VERSION = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
 
 
-def cached_map(ds: datasets.Dataset, function, **kwargs) -> datasets.Dataset:
-    """`ds.map` cached by the data set, the arguments and this module's code."""
+def cached_map(ds: datasets.Dataset, function, num_proc: int = 1, **kwargs) -> datasets.Dataset:
+    """`ds.map` cached by the data set, the arguments and this module's code. `num_proc` (for functions
+    of one example at a time, whose result does not depend on how the data is split) is not part
+    of the cache key."""
     fingerprint = Hasher.hash([ds._fingerprint, function, kwargs, PIPELINE_VERSION])
-    return ds.map(function, new_fingerprint=fingerprint, **kwargs)
+    return ds.map(function, new_fingerprint=fingerprint, num_proc=num_proc if num_proc > 1 else None, **kwargs)
 
 
 def tokenize_for_training(ds: datasets.Dataset, tokenizer, cfg: DataConfig, fmt: str) -> datasets.Dataset:
@@ -125,11 +127,12 @@ def tokenize_for_training(ds: datasets.Dataset, tokenizer, cfg: DataConfig, fmt:
     not fill a block is dropped). SFT: prompt+response per example, prompt labels masked."""
     if fmt == "text":
         ids = cached_map(ds, lambda b: {"input_ids": tokenizer(b[cfg.text_field])["input_ids"]}, batched=True,
-                         remove_columns=ds.column_names, desc="tokenize")
+                         remove_columns=ds.column_names, desc="tokenize", num_proc=cfg.num_proc)
+        # packing depends on the order of the whole stream: one process
         blocks = cached_map(ids, _pack, batched=True, fn_kwargs={"block_size": cfg.block_size}, desc="pack")
     else:
         blocks = cached_map(ds, _sft_example, batched=True, remove_columns=ds.column_names, desc="tokenize sft",
-                            fn_kwargs={"tokenizer": tokenizer, "cfg": cfg})
+                            fn_kwargs={"tokenizer": tokenizer, "cfg": cfg}, num_proc=cfg.num_proc)
         if cfg.packing:
             blocks = cached_map(blocks, _pack_examples, batched=True, batch_size=10_000,
                                 remove_columns=blocks.column_names, fn_kwargs={"block_size": cfg.block_size},
@@ -218,7 +221,8 @@ def tokenize_for_eval(ds: datasets.Dataset, tokenizer, cfg: DataConfig, fmt: str
                     out["n_bytes"].append(len(text.encode()) if i == 0 else 0)
                     out["documents"].append(1 if i == 0 else 0)
         return out
-    windows = cached_map(ds, fn, batched=True, remove_columns=ds.column_names, desc="tokenize held-out")
+    windows = cached_map(ds, fn, batched=True, remove_columns=ds.column_names, desc="tokenize held-out",
+                         num_proc=cfg.num_proc)
     if len(windows) == 0:
         raise UserError("held-out data has no scorable tokens: give documents with at least two tokens")
     return windows
@@ -237,7 +241,12 @@ def rolling_windows(ids: list[int], max_length: int, stride: int):
 
 
 class Collator:
-    """Pads a list of examples to the longest one; labels default to input_ids, padding is ignored."""
+    """Pads a list of examples to the longest one; labels default to input_ids, padding is ignored.
+
+    A batch without padding has no attention_mask. Each batch also carries `num_targets`, the
+    tokens its loss scores (labels after the causal shift that are not ignored), as a Python int:
+    counted here, on the host, before the batch moves to the device, so the training loop never
+    waits for the device to learn it."""
 
     def __init__(self, pad_token_id: int):
         self.pad_token_id = pad_token_id
@@ -255,6 +264,11 @@ class Collator:
         out = {k: torch.tensor(v) for k, v in batch.items()}
         for key in examples[0].keys() - out.keys():  # per-example counts for evaluation (n_bytes, ...)
             out[key] = torch.tensor([e[key] for e in examples])
+        out["num_targets"] = count_targets(batch["labels"])
+        if all(len(e["input_ids"]) == length for e in examples):
+            # No padding (packed text): without a mask transformers takes the causal fast path, where with
+            # one it would read the mask back from the device to find out that it may.
+            del out["attention_mask"]
         return out
 
 
@@ -279,7 +293,13 @@ class Collator:
                 position_ids[i, start:end] = torch.arange(example_length)
                 mask[i, 0, start:end, start:end] = torch.ones(example_length, example_length, dtype=torch.bool).tril()
                 start = end
-        return {"input_ids": input_ids, "attention_mask": mask, "position_ids": position_ids, "labels": labels}
+        return {"input_ids": input_ids, "attention_mask": mask, "position_ids": position_ids, "labels": labels,
+                "num_targets": count_targets(row["labels"] for row in rows)}
+
+
+def count_targets(rows) -> int:
+    """Tokens the loss scores: labels after the causal shift that are not ignored (rows of label lists)."""
+    return sum(label != IGNORE for labels in rows for label in labels[1:])
 
 
 def train_dataloader(ds: datasets.Dataset, micro_batch_size: int, pad_token_id: int) -> DataLoader:

@@ -24,6 +24,7 @@ from . import checkpoint as checkpoint_lib, config as config_lib, data, job, str
 from .config import DataConfig, ModelConfig, RunConfig, UserError, run_cli
 from .data import IGNORE
 from .files import replaced_file, write_text
+from .loss import fuse_head_and_loss
 from .model import build_model, initial_model
 from .telemetry import quiet_known_noise
 from .validation import evaluate_model
@@ -227,6 +228,7 @@ def score(accelerator, target: Target, args) -> dict:
     # Outside main_process_first: under ZeRO-3, from_pretrained partitions the weights with
     # collectives that every rank must join (rank 0 alone would wait forever).
     model, tokenizer, loads_after_prepare = load_target(accelerator, target, args.base)
+    model = fuse_head_and_loss(model, training=False)  # scores through the chunked head: no full logits
     with job.main_process_first(accelerator):  # rank 0 fills the datasets cache, the others reuse it
         eval_set = held_out(args, target, tokenizer, model.config.max_position_embeddings)
     loader = data.eval_dataloader(eval_set, args.batch_size, tokenizer.pad_token_id)

@@ -5,8 +5,10 @@ workers die with their launcher, and only one run writes into an output_dir.
   inside `main_process_first`) ends every rank at once with that error. Without it the other
   ranks wait in their next collective until it times out, then print a gloo traceback.
 - `StopSignal`: SIGTERM/SIGINT (preemption, Ctrl-C, a dead launcher) asks for a stop; the loop
-  asks `requested(accelerator)` once per optimizer step, so all ranks agree on the same step,
-  save a checkpoint and exit 0.
+  asks `requested(accelerator)` every `train.stop_check_every` optimizer steps, so all ranks agree
+  on the same step, save a checkpoint and exit 0.
+- Votes among ranks (`vote`) travel over a gloo group of their own on the CPU: they never wait for
+  a GPU, and some may wait longer than train.collective_timeout (`main_process_first`).
 - `follow_launcher`: torch's launcher starts workers in sessions of their own, so killing it
   (even its process group) leaves them training on as orphans; the kernel's parent-death signal
   sends them SIGTERM instead.
@@ -16,12 +18,14 @@ workers die with their launcher, and only one run writes into an output_dir.
 from __future__ import annotations
 
 import ctypes
+import functools
 import json
 import os
 import signal
 import socket
 import time
 from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -32,42 +36,79 @@ from .config import PeerStopped, UserError
 # --- errors on one rank -------------------------------------------------------------------------
 
 
-def agree(accelerator, error: Exception | None) -> None:
+# Rank 0 preprocessing a large corpus for the first time, or deleting old checkpoints, may take
+# longer than any collective should wait for a stalled rank: the ranks waiting for it wait this long.
+PATIENT = timedelta(days=7)
+
+
+@functools.cache
+def host_group():
+    """A gloo group of every rank for the job's own votes. Its tensors stay on the CPU, so a vote never
+    waits for a GPU, and its timeout is PATIENT: each vote passes the deadline it needs (`vote`).
+    Created by every rank at its first vote; every rank reaches that vote at the same point."""
+    return torch.distributed.new_group(backend="gloo", timeout=PATIENT)
+
+
+def vote(values: list, timeout: timedelta | None) -> list[int]:
+    """All ranks: the sums over ranks of `values` (ints or bools), waiting at most `timeout` for the
+    other ranks (None: PATIENT)."""
+    counts = torch.tensor([int(v) for v in values], dtype=torch.int64)
+    if torch.distributed.is_available() and torch.distributed.is_initialized() \
+            and torch.distributed.get_world_size() > 1:
+        try:
+            torch.distributed.all_reduce(counts, group=host_group(), async_op=True).wait(timeout or PATIENT)
+        except RuntimeError as e:  # gloo's "Operation timed out!" names no backend: say it is one
+            raise torch.distributed.DistBackendError(f"gloo vote: {e}") from None
+    return counts.tolist()
+
+
+def agree(accelerator, error: Exception | None, patient: bool = False) -> None:
     """All ranks: raise on every rank if any rank has an error: the error itself where it
-    happened (printed there, unless the main process has one to print), `PeerStopped` elsewhere."""
-    flags = torch.tensor([error is not None, error is not None and accelerator.is_main_process],
-                         dtype=torch.float32, device=accelerator.device)
-    if accelerator.num_processes > 1:
-        flags = accelerator.reduce(flags, "sum")
+    happened (printed there, unless the main process has one to print), `PeerStopped` elsewhere.
+    `patient`: wait for the other ranks without train.collective_timeout's deadline."""
+    failed, main_failed = vote([error is not None, error is not None and accelerator.is_main_process],
+                               None if patient else _vote_timeout)
     if error is not None:
-        error.print_here = not flags[1].item()  # the main process speaks for the job when it can
+        error.print_here = not main_failed  # the main process speaks for the job when it can
         raise error
-    if flags[0].item():
+    if failed:
         raise PeerStopped()
 
 
+def wait_for_peers_at_most(timeout: timedelta) -> None:
+    """The deadline of votes that are not patient: the process group's (train.collective_timeout)."""
+    global _vote_timeout
+    _vote_timeout = timeout
+
+
+_vote_timeout: timedelta | None = None  # None: PATIENT
+
+
 @contextmanager
-def stop_together(accelerator, describe=None):
+def stop_together(accelerator, describe=None, patient: bool = False):
     """All ranks run the block; if it raised on any rank, it raises on every rank (see `agree`).
-    `describe` turns an OSError into the one-line message users see."""
+    `describe` turns an OSError into the one-line message users see. `patient`: the block may take
+    longer than train.collective_timeout on some rank (preprocessing, deleting files)."""
     try:
         yield
     except Exception as e:  # noqa: BLE001 - every error must reach the other ranks before it propagates
-        agree(accelerator, UserError(describe(e)) if describe and isinstance(e, OSError) else e)
+        agree(accelerator, UserError(describe(e)) if describe and isinstance(e, OSError) else e, patient)
     else:
-        agree(accelerator, None)
+        agree(accelerator, None, patient)
 
 
 @contextmanager
 def main_process_first(accelerator):
     """accelerate's `main_process_first` (the main process fills caches, the others then reuse
-    them), but an error on any rank ends every rank at once instead of leaving them in a barrier."""
+    them), but an error on any rank ends every rank at once instead of leaving them in a barrier,
+    and the waiting ranks wait as long as the main process works (a large corpus tokenized for the
+    first time may take hours), not train.collective_timeout."""
     if not accelerator.is_main_process:
-        agree(accelerator, None)  # wait for the main process's verdict
-    with stop_together(accelerator):
+        agree(accelerator, None, patient=True)  # wait for the main process's verdict
+    with stop_together(accelerator, patient=True):
         yield
     if accelerator.is_main_process:
-        agree(accelerator, None)  # wait for the other ranks' verdict
+        agree(accelerator, None, patient=True)  # wait for the other ranks' verdict
 
 
 # --- signals ------------------------------------------------------------------------------------
@@ -89,11 +130,9 @@ class StopSignal:
         self.received = self.received or signum
 
     def requested(self, accelerator) -> bool:
-        """All ranks, once per step: whether any rank received a signal (one tiny all-reduce)."""
-        flag = torch.tensor([self.received is not None], dtype=torch.float32, device=accelerator.device)
-        if accelerator.num_processes > 1:
-            flag = accelerator.reduce(flag, "sum")
-        return bool(flag.item())
+        """All ranks, at the same steps: whether any rank received a signal (a vote on the CPU, so
+        the host never waits for the device to learn it)."""
+        return bool(vote([self.received is not None], _vote_timeout)[0])
 
 
 PR_SET_PDEATHSIG = 1
@@ -115,38 +154,64 @@ def follow_launcher() -> None:
 
 # --- one writer per output_dir --------------------------------------------------------------------
 
+UNREADABLE_LOCK_WAIT_SECONDS = 2.0  # how long an empty or garbled lock is re-read before it is refused
+
 
 class OutputLock:
     """`output_dir/.lock`, created exclusively by the main process and removed when the run ends.
     A lock whose process no longer exists on this host is taken over; one from another host is
-    refused (its process cannot be checked from here)."""
+    refused (its process cannot be checked from here), and so is one that can't be read."""
 
     def __init__(self, output_dir: str | Path):
         self.path = Path(output_dir) / ".lock"
         self.mine = {"host": socket.gethostname(), "pid": os.getpid(), "started": _process_start(os.getpid()),
                      "since": time.strftime("%Y-%m-%d %H:%M:%S")}
-        while True:
-            try:
-                with open(self.path, "x") as f:
-                    json.dump(self.mine, f)
-                return
-            except FileExistsError:
-                holder = self._holder()
-                if holder is None:
-                    continue  # it was released (or half-written) meanwhile: try again
-                self._take_over_or_refuse(holder)
+        while not self._create():
+            holder = self._readable_holder()
+            if holder is None:
+                continue  # it was released meanwhile: try again
+            self._take_over_or_refuse(holder)
+
+    def _create(self) -> bool:
+        """Whether the lock is now ours. It appears with its content, linked from a complete file:
+        a lock created empty and then written could be read empty, as dead, and taken over."""
+        temp = self.path.with_name(f".lock.{self.mine['host']}.{self.mine['pid']}.{time.monotonic_ns()}")
+        temp.write_text(json.dumps(self.mine))
+        try:
+            os.link(temp, self.path)
+            return True
+        except FileExistsError:
+            return False
+        except OSError as e:  # the temp file was written, so the directory is writable
+            raise UserError(f"output_dir {self.path.parent} cannot hold the run's lock ({e.strerror}: it needs "
+                            "hard links): choose an output_dir on another filesystem") from None
+        finally:
+            temp.unlink(missing_ok=True)
 
     def _holder(self) -> dict | None:
         return self._holder_at(self.path)
 
+    def _readable_holder(self) -> dict | None:
+        """The holder, waiting a little while the lock can't be read: an older toolkit created it
+        empty, then wrote it. One that stays unreadable is refused, never taken over: its run may live."""
+        deadline = time.monotonic() + UNREADABLE_LOCK_WAIT_SECONDS
+        while (holder := self._holder()) == {}:
+            if time.monotonic() > deadline:
+                raise UserError(f"output_dir {self.path.parent} has a lock that cannot be read ({self.path} is "
+                                f"empty or garbled): if no run is active in it, delete {self.path}")
+            time.sleep(0.1)
+        return holder
+
     @staticmethod
     def _holder_at(path: Path) -> dict | None:
+        """The lock's content: None if there is no lock, {} if it can't be read."""
         try:
-            return json.loads(path.read_text())
+            holder = json.loads(path.read_text())
         except FileNotFoundError:
             return None
-        except (json.JSONDecodeError, OSError):  # written by a process killed mid-write
-            return {"host": socket.gethostname(), "pid": -1, "started": None, "since": "?"}
+        except (ValueError, OSError):  # empty or garbled
+            return {}
+        return holder if isinstance(holder, dict) and {"host", "pid", "since"} <= holder.keys() else {}
 
     def _take_over_or_refuse(self, holder: dict) -> None:
         who = f"PID {holder['pid']} on {holder['host']} (since {holder['since']})"

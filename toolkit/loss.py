@@ -1,4 +1,5 @@
-"""The language-model head and its loss in one pass, without the logits tensor.
+"""The language-model head and its loss in one pass, without the logits tensor (training), and
+held-out scoring through the same chunks (evaluation).
 
 OPT's forward computes fp32 logits for every position (tokens x 50272: 206 MB at micro batch
 8 x 128) and autograd keeps them, their log-softmax and their gradient, each written and read
@@ -86,21 +87,67 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
         return LinearCrossEntropy.apply(hidden, weight, targets[scored], compute_dtype)
 
 
-def fuse_head_and_loss(model):
-    """Make `model` (an OPTForCausalLM) compute its training loss with `linear_cross_entropy`.
+@torch.no_grad()
+def example_stats(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per example [sum of NLLs, scored tokens, correct argmax predictions] (float64) over the shifted,
+    non-ignored `labels`, for hidden states [batch, seq, dim] and a head weight [vocab, dim].
 
-    Only forwards with labels and gradients change; evaluation and generation keep transformers'
-    forward and its logits. The loss goes through `lm_head`'s own call so that ZeRO-3 and FSDP,
-    which gather a module's weights around its forward, gather the head's (tied) weight too."""
+    The logits exist one chunk at a time, as in training: held-out windows are as long as the model
+    allows (2048 positions for every real OPT), where a whole batch's fp32 logits and their
+    log-softmax would take gigabytes more than training needs."""
+    batch, seq = labels.shape
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE).reshape(-1)
+    scored = (targets != IGNORE).nonzero().squeeze(1)
+    hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, scored)
+    targets = targets[scored]
+    device = hidden.device.type
+    compute_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+    w = weight.to(compute_dtype)
+    nll = torch.empty(len(scored), dtype=torch.float32, device=hidden.device)
+    correct = torch.empty(len(scored), dtype=torch.bool, device=hidden.device)
+    chunk = max(1, CHUNK_BYTES // (4 * w.shape[0]))
+    with torch.autocast(device, enabled=False):
+        for start in range(0, len(scored), chunk):
+            t_c = targets[start:start + chunk]
+            logits = (hidden[start:start + chunk].to(compute_dtype) @ w.t()).float()
+            nll[start:start + chunk] = logits.logsumexp(dim=1) - logits.gather(1, t_c[:, None]).squeeze(1)
+            correct[start:start + chunk] = logits.argmax(dim=1) == t_c
+    stats = torch.zeros(batch, 3, dtype=torch.float64, device=hidden.device)
+    example = torch.div(scored, seq, rounding_mode="floor")
+    for column, values in enumerate((nll, torch.ones_like(nll), correct)):
+        stats[:, column].index_add_(0, example, values.double())
+    return stats
+
+
+def fuse_head_and_loss(model, training: bool = True):
+    """Make `model` (an OPTForCausalLM, or a peft model around one) compute its training loss with
+    `linear_cross_entropy` (unless `training` is False: then transformers' head and loss train), and
+    score held-out data with
+    `example_stats`: `model(input_ids, attention_mask, labels=..., return_example_stats=True)` returns
+    the [batch, 3] statistics instead of logits.
+
+    Forwards without labels (generation) keep transformers' forward and its logits. The head runs
+    through `lm_head`'s own call so that ZeRO-3 and FSDP, which gather a module's weights around its
+    forward, gather the head's (tied) weight too."""
+    wrapper = model
+    if hasattr(model, "get_base_model"):  # peft: its forward passes our keyword arguments on to the base model's
+        model = model.get_base_model()
     transformers_forward = model.forward
 
-    def head_forward(head, hidden, labels=None):
+    def head_forward(head, hidden, labels=None, stats=False):
         if labels is None:
             return F.linear(hidden, head.weight)
+        if stats:
+            return example_stats(hidden, head.weight, labels)
         return linear_cross_entropy(hidden, head.weight, labels)
 
-    def forward(self, input_ids=None, attention_mask=None, labels=None, num_items_in_batch=None, **kwargs):
-        if labels is None or not torch.is_grad_enabled():
+    def forward(self, input_ids=None, attention_mask=None, labels=None, num_items_in_batch=None,
+                return_example_stats=False, **kwargs):
+        if return_example_stats:
+            kwargs["use_cache"] = False
+            hidden = self.model.decoder(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
+            return self.lm_head(hidden, labels=labels, stats=True)
+        if labels is None or not torch.is_grad_enabled() or not training:
             return transformers_forward(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
                                         num_items_in_batch=num_items_in_batch, **kwargs)
         kwargs["use_cache"] = False  # training keeps no key/value cache
@@ -112,4 +159,4 @@ def fuse_head_and_loss(model):
 
     model.lm_head.forward = types.MethodType(head_forward, model.lm_head)
     model.forward = types.MethodType(forward, model)
-    return model
+    return wrapper

@@ -23,7 +23,7 @@ from accelerate import Accelerator, DataLoaderConfiguration, PartialState
 from accelerate.utils import (DistributedDataParallelKwargs, DistributedType, GradientAccumulationPlugin,
                                InitProcessGroupKwargs)
 
-from . import telemetry
+from . import job, telemetry
 from .config import DdpConfig, RunConfig, UserError
 from .optim import EIGHT_BIT, import_bitsandbytes
 
@@ -144,6 +144,7 @@ def make_accelerator(cfg: RunConfig) -> Accelerator:
     on_cpu = not torch.cuda.is_available()
     # A dead or stalled rank ends every collective after this long, instead of torch's 30 minutes.
     timeout = timedelta(seconds=cfg.train.collective_timeout)
+    job.wait_for_peers_at_most(timeout)  # the job's own votes among ranks, too
     common = dict(
         gradient_accumulation_plugin=GradientAccumulationPlugin(
             num_steps=cfg.train.grad_accum_steps, sync_with_dataloader=False),  # the loop owns step windows
@@ -180,6 +181,8 @@ def make_accelerator(cfg: RunConfig) -> Accelerator:
     else:
         accelerator = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(timeout=timeout), ddp], **common)
 
+    if accelerator.distributed_type == DistributedType.FSDP:
+        reduce_gradients_in_fp32(accelerator.state.fsdp_plugin)
     if accelerator.distributed_type == DistributedType.FSDP and on_cpu:
         from torch.distributed.fsdp import CPUOffloadPolicy
         plugin = accelerator.state.fsdp_plugin
@@ -187,6 +190,19 @@ def make_accelerator(cfg: RunConfig) -> Accelerator:
             plugin.cpu_offload = CPUOffloadPolicy(pin_memory=False)
     enable_cpu_fp16(accelerator)
     return accelerator
+
+
+def reduce_gradients_in_fp32(plugin) -> None:
+    """FSDP2 under bf16/fp16: reduce-scatter gradients, and accumulate them over micro-batches, in
+    fp32, as DDP does (under autocast its gradients are the fp32 parameters') and as torchtitan does
+    by default; and leave the model's outputs in the dtype they are computed in, so the loss (fp32
+    from the fused head) is not rounded to 16 bits before backward and logging. accelerate builds the
+    MixedPrecisionPolicy with reduce_dtype and output_dtype equal to the 16-bit parameter dtype: it
+    sums gradients over ranks and micro-batches with 8 bits of mantissa (bf16), and the loss of
+    tiny-opt came out as 7.65625."""
+    policy = plugin.mixed_precision_policy
+    if policy is not None and policy.param_dtype in (torch.bfloat16, torch.float16):
+        plugin.mixed_precision_policy = replace(policy, reduce_dtype=torch.float32, output_dtype=None)
 
 
 def share_zero3_fp32_partitions() -> None:
@@ -309,6 +325,13 @@ def fill_deepspeed_config(plugin, cfg: RunConfig, num_processes: int) -> None:
             raise UserError(f"{path} sets {key}={value} but the run config implies {run[key]}: "
                             f'set "{key}": "auto" there so the run config decides')
         ds[key] = run[key]
+    if "fp16" in ds:  # the loss scale's floor, below which an overflow is a bad step (guard.py)
+        floor = (written.get("fp16") or {}).get("min_loss_scale", "auto")
+        if floor != "auto" and float(floor) != cfg.train.min_loss_scale:
+            raise UserError(f"{path} sets fp16.min_loss_scale={floor} but the run config has "
+                            f'train.min_loss_scale={cfg.train.min_loss_scale:g}: set "min_loss_scale": "auto" there '
+                            "so the run config decides")
+        ds["fp16"]["min_loss_scale"] = cfg.train.min_loss_scale
     zero = ds.setdefault("zero_optimization", {})
     if zero.get("stage") == 3:
         # ZeRO-3 keeps gathered parameters for later use and prefetch up to these counts (DeepSpeed's
@@ -518,7 +541,8 @@ def verify(accelerator: Accelerator, model, optimizer, cfg: RunConfig) -> dict:
                             f"this model has {local * 4}: use accelerate_configs/zero3_offload.yaml for a model this small")
         if stage == 3 and _offload_device(model.zero_offload_optimizer()) == "none":
             info["zero3_fp32_masters"] = "the parameters" if masters_are_parameters(model.optimizer) else "a copy"
-        info.update(zero_stage=stage, offload_optimizer=_offload_device(model.zero_offload_optimizer()),
+        info.update(zero_stage=stage, grad_reduce_dtype=_dtype_name(model.communication_data_type),
+                    offload_optimizer=_offload_device(model.zero_offload_optimizer()),
                     offload_param=_offload_device(model.zero_offload_param()),
                     mixed_precision="bf16" if model.bfloat16_enabled() else "fp16" if model.fp16_enabled() else "no")
     elif requested.kind == "fsdp":
@@ -528,11 +552,20 @@ def verify(accelerator: Accelerator, model, optimizer, cfg: RunConfig) -> dict:
         if requested.world_size > 1 and not sharded:
             fail(f"FSDP left the parameters unsharded ({local} of {full} elements on this rank)")
         plugin = accelerator.state.fsdp_plugin
-        info.update(fsdp_version=plugin.fsdp_version, reshard_after_forward=bool(plugin.reshard_after_forward),
+        policy = plugin.mixed_precision_policy
+        info.update(grad_reduce_dtype=_dtype_name(policy and (policy.reduce_dtype or policy.param_dtype)
+                                                  or next(model.parameters()).dtype),
+                    fsdp_version=plugin.fsdp_version, reshard_after_forward=bool(plugin.reshard_after_forward),
                     offload_param=isinstance(plugin.cpu_offload, CPUOffloadPolicy))
         info.update(fsdp_mesh(accelerator, model, requested.mesh, fail))
-    elif requested.kind == "ddp" and not isinstance(model, torch.nn.parallel.DistributedDataParallel):
-        fail(f"accelerate runs {running.value} without DistributedDataParallel")
+    elif requested.kind == "ddp":
+        if not isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            fail(f"accelerate runs {running.value} without DistributedDataParallel")
+        # Under autocast the gradients are the fp32 parameters'; a compression hook sends them in 16 bits.
+        hooked = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.ddp.comm_hook)
+        info["grad_reduce_dtype"] = _dtype_name(hooked or next(model.parameters()).dtype)
+    else:
+        info["grad_reduce_dtype"] = "none"  # one process: nothing is reduced
     if "mixed_precision" not in info:
         info["mixed_precision"] = accelerator.mixed_precision
         if accelerator.mixed_precision != "no" and not accelerator.native_amp:
@@ -574,6 +607,10 @@ def masters_are_parameters(zero3_optimizer) -> bool:
     """Whether ZeRO-3 updates the fp32 parameter partitions in place (see share_zero3_fp32_partitions)."""
     return all(master.data_ptr() == param.data_ptr() for master, param in
                zip(zero3_optimizer.fp32_partitioned_groups_flat, zero3_optimizer.fp16_partitioned_groups_flat))
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def _offload_device(offload_config) -> str:
@@ -618,17 +655,10 @@ def optimizer_state_size(optimizer) -> tuple[int, int]:
     return numel, nbytes
 
 
-def step_stats(accelerator: Accelerator, optimizer) -> dict:
-    """Per-step facts about the strategy: this rank's optimizer state and, for fp16, loss scaling."""
+def optimizer_stats(optimizer) -> dict:
+    """This rank's optimizer state, under any wrapper or sharding."""
     numel, nbytes = optimizer_state_size(optimizer)
-    stats = {"optim_state_numel": numel, "optim_state_mb": round(nbytes / 2**20, 4)}
-    if accelerator.scaler is not None:
-        stats.update(loss_scale=accelerator.scaler.get_scale(), skipped=accelerator.optimizer_step_was_skipped)
-    elif (accelerator.distributed_type == DistributedType.DEEPSPEED
-          and accelerator.state.deepspeed_plugin.deepspeed_config.get("fp16", {}).get("enabled") is True):
-        scaled = optimizer.optimizer  # DeepSpeed's ZeRO optimizer owns the dynamic loss scale
-        stats.update(loss_scale=float(scaled.cur_scale), skipped=bool(scaled.overflow))
-    return stats
+    return {"optim_state_numel": numel, "optim_state_mb": round(nbytes / 2**20, 4)}
 
 
 def compute_dtype_probe(model) -> dict:

@@ -470,14 +470,18 @@ def peak_memory_gb() -> float:
     last `reset_peak_memory` (MemoryAtStart resets it as training begins)."""
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+    try:  # Linux: VmHWM, which reset_peak_memory resets (getrusage's ru_maxrss it does not)
+        status = Path("/proc/self/status").read_text()
+    except OSError:  # not Linux: the peak since the process started (macOS reports bytes)
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**30 if sys.platform == "darwin" else 2**20)
+    return int(status.split("VmHWM:")[1].split()[0]) / 2**20  # kB
 
 
 def reset_peak_memory() -> None:
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
         return
-    try:  # Linux: "5" resets the process's peak resident set size (VmHWM, getrusage's ru_maxrss)
+    try:  # Linux: "5" resets the process's peak resident set size (VmHWM, not getrusage's ru_maxrss)
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
         pass  # then each peak counts from the start of the process

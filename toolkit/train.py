@@ -40,13 +40,13 @@ def main(argv=None) -> None:
     out = Path(cfg.output_dir)
     accelerator = strategy.make_accelerator(cfg)
     lock = None
-    with job.stop_together(accelerator):  # the main process's verdicts reach every rank
-        if accelerator.is_main_process:
-            lock = claim_output_dir(cfg)
-        strategy.check_optimizer(accelerator, cfg)  # an optimizer this strategy can't run stops here, before any work
-    with job.stop_together(accelerator):
-        job.check_shared(accelerator, lock, out)  # every machine must see the same output_dir
-    try:
+    try:  # once the lock is claimed, every way out releases it: a refusal below as well as the run's end
+        with job.stop_together(accelerator):  # the main process's verdicts reach every rank
+            if accelerator.is_main_process:
+                lock = claim_output_dir(cfg)
+            strategy.check_optimizer(accelerator, cfg)  # an optimizer the strategy can't run stops before any work
+        with job.stop_together(accelerator):
+            job.check_shared(accelerator, lock, out)  # every machine must see the same output_dir
         run(cfg, accelerator, stop)
     finally:
         if lock is not None:
@@ -83,8 +83,8 @@ def run(cfg: RunConfig, accelerator, stop) -> None:
     memory = telemetry.MemoryAtStart()
     with job.stop_together(accelerator):
         model = build_model(cfg.model, tokenizer)  # all ranks at once: under ZeRO-3 building is collective
-        if cfg.train.fused_loss:
-            model = fuse_head_and_loss(model)
+        # Evaluation always scores through the chunked head; training too, unless train.fused_loss=false.
+        model = fuse_head_and_loss(model, training=cfg.train.fused_loss)
         if cfg.lora.enabled:
             model = apply_lora(model, cfg.lora)
         checkpointing = None
@@ -126,7 +126,7 @@ def run(cfg: RunConfig, accelerator, stop) -> None:
             telemetry.trim_metrics(out / "metrics.jsonl", state["step"])  # steps after the checkpoint are redone
 
     finished = train(cfg, accelerator, model, optimizer, scheduler, train_loader, eval_loader, state, max_steps,
-                     stop, resume_from)
+                     stop, resume_from, tokenizer=tokenizer)
     if finished:
         checkpoint.export(accelerator, model, tokenizer, out / "final", merge_lora=cfg.lora.merge,  # all ranks
                           dtype=cfg.checkpoint.export_dtype)
@@ -136,18 +136,23 @@ def run(cfg: RunConfig, accelerator, stop) -> None:
 
 
 def train(cfg: RunConfig, accelerator, model, optimizer, scheduler, train_loader, eval_loader,
-          state: dict, max_steps: int, stop, resumed_from: Path | None = None) -> bool:
+          state: dict, max_steps: int, stop, resumed_from: Path | None = None, tokenizer=None) -> bool:
     """THE loop. One optimizer step = `grad_accum_steps` micro-batches on every rank. Returns
-    False when a signal stopped it early (after saving a checkpoint to resume from)."""
+    False when a signal stopped it early (after saving a checkpoint to resume from).
+
+    The host reads values back from the device only on steps that log or save (and, under fp16,
+    the loss scaler's verdict): on a GPU the CPU queues the next step while this one computes."""
     import torch
 
     from . import checkpoint, strategy
+    from .guard import StepGuard
     from .telemetry import Telemetry
 
     telemetry = Telemetry(accelerator, cfg, max_steps, start_step=state["step"])
+    guard = StepGuard(accelerator, optimizer, cfg.train.min_loss_scale)
     batches = micro_batches(accelerator, train_loader, state)
     last_saved = resumed_from
-    bad_steps = 0
+    tokens = torch.zeros((), dtype=torch.int64, device=accelerator.device)  # trained on since the last read
     compute_dtype = strategy.compute_dtype_probe(model)
     if cfg.eval.every and state["step"] == 0:  # the baseline that fine-tuning is measured against
         run_evaluation(cfg, accelerator, model, eval_loader, telemetry, step=0)
@@ -158,9 +163,10 @@ def train(cfg: RunConfig, accelerator, model, optimizer, scheduler, train_loader
         # Read before backward: a DeepSpeed-owned schedule advances inside the last backward.
         lr = scheduler.get_last_lr()[0]
         # The step's loss is (sum of token losses over all micro-batches on all ranks) / (their
-        # number of target tokens), so count the window's targets first (docs/training-loop.md).
+        # number of target tokens), so count the window's targets first (docs/training-loop.md);
+        # the collator counted each batch's on the host.
         window_targets = accelerator.reduce(
-            torch.tensor(sum(count_targets(b) for b in window), device=accelerator.device), "sum")
+            torch.tensor(sum(batch.pop("num_targets") for batch in window), device=accelerator.device), "sum")
         step_loss = torch.zeros((), device=accelerator.device)
         # Bytes the strategy's collectives send are counted here: forward, backward, and DeepSpeed's
         # step, which accelerator.backward runs; the loop's own small reductions are left out.
@@ -173,48 +179,63 @@ def train(cfg: RunConfig, accelerator, model, optimizer, scheduler, train_loader
                     # loss by the accumulation steps; both would turn our sum into a mean of means.
                     accelerator.backward(loss * accelerator.num_processes * accelerator.gradient_accumulation_steps)
                 telemetry.count_batch(batch)  # this rank's tokens; summed over ranks when the step is logged
+        step_loss = accelerator.reduce(step_loss, "sum")  # the step's loss, on every rank
 
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm or math.inf)
-        # The norm is global (the same on every rank), so every rank skips a non-finite step alike.
-        # (DeepSpeed has already stepped inside backward: see docs/training-loop.md for which of
-        # its optimizers skip such a step themselves.)
-        finite = grad_norm is None or math.isfinite(float(grad_norm))
-        if finite:
-            optimizer.step()  # under DeepSpeed, accelerator.backward already stepped the engine
-            if not accelerator.optimizer_step_was_skipped:
-                scheduler.step()
+        # The optimizer steps unless the loss scaler (fp16) or a non-finite loss or norm says not to;
+        # see guard.py. Under DeepSpeed, accelerator.backward has already stepped the engine.
+        if guard.step(optimizer, step_loss, grad_norm):
+            scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        bad_steps = 0 if finite else bad_steps + 1
         state["step"] += 1
-        state["tokens"] += int(window_targets)
+        tokens += window_targets
         telemetry.advance()
 
         step = state["step"]
-        if step % cfg.train.log_every == 0 or step == max_steps or not finite:
-            telemetry.log({"step": step, "loss": accelerator.reduce(step_loss, "sum").item(), "lr": lr,
-                           "grad_norm": _item(grad_norm), "tokens": state["tokens"], "epoch": state["epoch"],
-                           **compute_dtype, **strategy.step_stats(accelerator, optimizer), **telemetry.throughput(),
-                           **telemetry.communication(),
-                           **({} if finite else {"skipped": True})})
-        if bad_steps >= cfg.train.max_bad_steps:
-            telemetry.close()
-            kept = f"the last good checkpoint is {last_saved}" if last_saved else "no checkpoint was saved"
-            raise UserError(f"step {step}: loss or gradient not finite for {bad_steps} steps in a row (each "
-                            f"skipped); {kept}: lower optim.lr or raise optim.warmup_steps, then resume from it")
+        # All ranks vote at the same steps: they must agree on where to stop.
+        preempted = step < max_steps and step % cfg.train.stop_check_every == 0 and stop.requested(accelerator)
+        saving = preempted or bool(cfg.checkpoint.every and step % cfg.checkpoint.every == 0)
+        logging = step % cfg.train.log_every == 0 or step == max_steps
+        if saving or logging:
+            health = guard.read()
+            state["tokens"] += int(tokens)
+            tokens.zero_()
+            if logging:
+                telemetry.log({"step": step, "loss": step_loss.item(), "lr": lr, "grad_norm": _item(grad_norm),
+                               "tokens": state["tokens"], "epoch": state["epoch"], **compute_dtype,
+                               **strategy.optimizer_stats(optimizer), **telemetry.throughput(),
+                               **telemetry.communication(), **guard.scale_record(),
+                               **({"skipped": True} if health["skipped"] else {})})
+            if health["bad_in_a_row"] >= cfg.train.max_bad_steps:
+                telemetry.close()
+                raise UserError(diverged(step, health, guard, last_saved))
         if (cfg.eval.every and step % cfg.eval.every == 0) or step == max_steps:
             run_evaluation(cfg, accelerator, model, eval_loader, telemetry, step)
             model.train()
-        preempted = stop.requested(accelerator)  # all ranks, every step: they must agree on where to stop
-        # Never checkpoint right after a skipped step: the last checkpoint must stay a good one.
-        if finite and ((cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or (preempted and step < max_steps)):
-            last_saved = checkpoint.save(accelerator, cfg, dict(state), keep=resumed_from)  # all ranks
+        # Never checkpoint right after a bad step: the last checkpoint must stay a good one.
+        if saving and health["healthy"]:
+            last_saved = checkpoint.save(accelerator, cfg, dict(state), keep=resumed_from,  # all ranks
+                                         tokenizer=tokenizer)
             telemetry.log({"step": step, "checkpoint": str(last_saved)})
-        if preempted and step < max_steps:
+        if preempted:
             accelerator.print(f"stopped by signal after step {step}; resume=auto continues from {last_saved}")
             telemetry.close()
             return False
     telemetry.close()
     return True
+
+
+def diverged(step: int, health: dict, guard, last_saved: Path | None) -> str:
+    kept = f"the last good checkpoint is {last_saved}" if last_saved else "no checkpoint was saved"
+    if not guard.scales:
+        what, fix = "loss or gradient not finite", "lower optim.lr or raise optim.warmup_steps"
+    elif health["loss_is_finite"]:
+        what = f"fp16 gradients overflowing with the loss scale at its floor ({guard.min_loss_scale:g})"
+        fix = "lower optim.lr or train.min_loss_scale, or train in bf16"
+    else:
+        what, fix = "loss not finite", "lower optim.lr, raise optim.warmup_steps or train in bf16"
+    return (f"step {step}: {what} for {health['bad_in_a_row']} steps in a row (each skipped); {kept}: {fix}, "
+            "then resume from it")
 
 
 def run_evaluation(cfg: RunConfig, accelerator, model, eval_loader, telemetry, step: int) -> None:
@@ -235,13 +256,6 @@ def micro_batches(accelerator, loader, state: dict):
             yield batch
         state["epoch"] += 1
         state["batch"] = 0
-
-
-def count_targets(batch: dict) -> int:
-    """Tokens the loss scores: labels after the causal shift that are not ignored."""
-    from . import data
-
-    return int((batch["labels"][:, 1:] != data.IGNORE).sum())
 
 
 def count_steps(cfg: RunConfig, num_sequences: int, num_processes: int) -> int:

@@ -1,7 +1,9 @@
 """Held-out evaluation that every rank runs: training calls it, and so does `toolkit.evaluate`.
 
 Perplexity is exp(sum NLL / sum scored tokens) over all ranks, each held-out example counted
-exactly once (`gather_for_metrics` drops the duplicates that even out the last batch).
+exactly once (`gather_for_metrics` drops the duplicates that even out the last batch). The model
+scores through the chunked head of loss.py (`fuse_head_and_loss`), so evaluation never holds a
+[batch, sequence, vocab] logits tensor.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ from pathlib import Path
 
 import torch
 
-from .data import IGNORE
 
 METRIC_DIR = Path(__file__).parent / "metrics" / "language_modeling"
 STAT_FIELDS = ("nll", "tokens", "correct", "n_bytes", "documents")
@@ -26,18 +27,10 @@ def load_metric():
     return evaluate.load(str(METRIC_DIR), keep_in_memory=True, experiment_id=uuid.uuid4().hex)
 
 
-def example_stats(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Per example: [sum NLL, predicted tokens, correct argmax] over the shifted, non-ignored labels."""
-    logits, targets = logits[:, :-1].float(), labels[:, 1:]
-    mask = targets != IGNORE
-    nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets.clamp(min=0), reduction="none")
-    correct = (logits.argmax(-1) == targets) & mask
-    return torch.stack([(nll * mask).sum(1, dtype=torch.float64), mask.sum(1).double(), correct.sum(1).double()], 1)
-
-
 @torch.no_grad()
 def evaluate_model(model, loader, accelerator, max_batches: int = 0) -> dict:
-    """Every rank calls this (under ZeRO-3 and FSDP each forward needs all ranks).
+    """Every rank calls this (under ZeRO-3 and FSDP each forward needs all ranks). `model` went
+    through `loss.fuse_head_and_loss`.
 
     Each rank scores its share of the loader; `gather_for_metrics` collects the per-example sums
     and drops the duplicates accelerate adds to even out the last batch, so every held-out
@@ -50,8 +43,8 @@ def evaluate_model(model, loader, accelerator, max_batches: int = 0) -> dict:
             if hasattr(loader, "end"):
                 loader.end()
             break
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        stats = example_stats(logits, batch["labels"])
+        stats = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=batch["labels"],
+                      return_example_stats=True)
         counts = [batch[k].double() if k in batch else torch.zeros_like(stats[:, 0]) for k in ("n_bytes", "documents")]
         stats = accelerator.gather_for_metrics(torch.cat([stats, torch.stack(counts, 1)], 1)).cpu()
         metric.add_batch(nll=stats[:, 0].tolist(),
