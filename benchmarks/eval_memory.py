@@ -25,19 +25,17 @@ PHASES = ("train", "eval_chunked", "eval_full_logits")
 
 def measure(phase: str, preset: str, seq: int, eval_batch: int) -> dict:
     import torch
-    from transformers import OPTConfig, OPTForCausalLM
 
     from toolkit.config import OptimConfig
     from toolkit.loss import fuse_head_and_loss
-    from toolkit.model import PRESETS
+    from toolkit.model import preset_model
     from toolkit.optim import build_optimizer
-    from toolkit.strategy import use_cpu_share
+    from toolkit.cpu import use_cpu_share
     from toolkit.telemetry import memory_now_gb, peak_memory_gb, reset_peak_memory
     from toolkit.validation import evaluate_model
 
     use_cpu_share()
-    torch.manual_seed(0)
-    model = fuse_head_and_loss(OPTForCausalLM(OPTConfig(**PRESETS[preset])))
+    model = fuse_head_and_loss(preset_model(preset))
     generator = torch.Generator().manual_seed(0)
     batch_size = 1 if phase == "train" else eval_batch
     ids = torch.randint(4, 50000, (batch_size, seq), generator=generator)

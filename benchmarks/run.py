@@ -246,7 +246,7 @@ class Bench:
 
         from toolkit.config import OptimConfig
         from toolkit.optim import build_optimizer
-        from toolkit.strategy import optimizer_state_size
+        from toolkit.telemetry import optimizer_state_size
 
         state = {}
         ids = torch.randint(4, 50000, (1, 32))

@@ -21,21 +21,17 @@ import statistics
 import time
 
 import torch
-from accelerate import Accelerator
-from transformers import OPTConfig, OPTForCausalLM
 
 from toolkit.config import OptimConfig
+from toolkit.cpu import tune_cpu_allocator
 from toolkit.loss import fuse_head_and_loss
-from toolkit.model import PRESETS
+from toolkit.model import preset_model
 from toolkit.optim import build_optimizer
-from toolkit.strategy import tune_cpu_allocator
 
 
 def build(variant: str):
     """random-opt-125m without dropout (so both compute the same losses), as the toolkit builds it or as the variant."""
-    torch.manual_seed(0)
-    no_dropout = dict(dropout=0.0, attention_dropout=0.0, activation_dropout=0.0)
-    model = OPTForCausalLM(OPTConfig(**PRESETS["random-opt-125m"], **no_dropout)).train()
+    model = preset_model("random-opt-125m", dropout=0.0, attention_dropout=0.0, activation_dropout=0.0).train()
     if variant != "unfused-head":
         model = fuse_head_and_loss(model)
     if variant == "compiled":
@@ -61,7 +57,7 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=4, help="timed steps after one of warm-up (and compiling)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    tune_cpu_allocator(Accelerator(cpu=True))  # glibc as the toolkit sets it for one process
+    tune_cpu_allocator(shards_parameters=False)  # glibc as the toolkit sets it for one process
     generator = torch.Generator().manual_seed(0)
     runs = {"toolkit": build("toolkit"), args.variant: build(args.variant)}
     seconds, losses = {name: [] for name in runs}, {name: [] for name in runs}

@@ -1,4 +1,5 @@
-"""Shared fixtures: small data sets built offline, and a runner for `accelerate launch`."""
+"""Shared fixtures: small data sets built offline, a tiny OPT, a stand-in accelerator, and a runner
+for `accelerate launch`."""
 
 from __future__ import annotations
 
@@ -37,6 +38,27 @@ def sft_data(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("data") / "sft.jsonl"
     path.write_text("".join(json.dumps(d) + "\n" for d in sft_tasks(n=600, seed=1)))
     return path
+
+
+def tiny_opt(**overrides):
+    """The tiny-opt preset with transformers' random init, seed 0 (the same weights every call)."""
+    from toolkit.model import preset_model
+
+    return preset_model("tiny-opt", seed=0, **overrides)
+
+
+def fake_accelerator(**fields):
+    """Enough of an Accelerator for code that runs on one process: the main one, on the CPU, not
+    distributed; `save_state` writes a weights file, `gather_for_metrics` is the identity. `fields`
+    override or add attributes (distributed_type, state, ...)."""
+    from types import SimpleNamespace
+
+    import torch
+    from accelerate.utils import DistributedType
+
+    base = dict(is_main_process=True, num_processes=1, device=torch.device("cpu"), distributed_type=DistributedType.NO,
+                save_state=lambda d: (Path(d) / "model.safetensors").write_text("w"), gather_for_metrics=lambda t: t)
+    return SimpleNamespace(**{**base, **fields})
 
 
 def tiny_run(data: Path, output_dir: Path, **overrides) -> list[str]:

@@ -266,18 +266,18 @@ def test_ddp_keys_are_refused_where_ddp_does_not_run(kind, running):
     cfg = load(None, ["data.train=x.txt", "ddp.comm_hook=bf16"])
     with pytest.raises(UserError, match=f"^ddp.comm_hook applies to DDP only; this launch runs {running}: "
                                         "remove it or use accelerate_configs/ddp.yaml$"):
-        strategy.ddp_kwargs(cfg, kind)
+        strategy.ddp.ddp_kwargs(cfg, kind)
     cfg = load(None, ["data.train=x.txt", "ddp.static_graph=true"])
     with pytest.raises(UserError, match="^ddp.static_graph applies"):
-        strategy.ddp_kwargs(cfg, kind)
-    strategy.ddp_kwargs(load(None, ["data.train=x.txt"]), kind)  # defaults are fine everywhere
+        strategy.ddp.ddp_kwargs(cfg, kind)
+    strategy.ddp.ddp_kwargs(load(None, ["data.train=x.txt"]), kind)  # defaults are fine everywhere
 
 
 def test_ddp_kwargs_carry_the_run_config():
     cfg = load(None, ["data.train=x.txt", "ddp.bucket_cap_mb=5", "ddp.static_graph=true"])
-    kwargs = strategy.ddp_kwargs(cfg, "ddp").to_kwargs()
+    kwargs = strategy.ddp.ddp_kwargs(cfg, "ddp").to_kwargs()
     assert kwargs == {"bucket_cap_mb": 5, "static_graph": True, "gradient_as_bucket_view": True}
-    assert strategy.ddp_kwargs(RunConfig(), "ddp").to_kwargs() == {"gradient_as_bucket_view": True}
+    assert strategy.ddp.ddp_kwargs(RunConfig(), "ddp").to_kwargs() == {"gradient_as_bucket_view": True}
 
 
 @pytest.mark.parametrize("override, message", [

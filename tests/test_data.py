@@ -2,7 +2,6 @@ import json
 
 import datasets
 import pytest
-import torch
 
 from toolkit import data
 from toolkit.config import DataConfig, ModelConfig, UserError

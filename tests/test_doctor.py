@@ -80,7 +80,7 @@ def test_stale_build_lock_fails_and_a_live_build_is_waited_for(tmp_path, monkeyp
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(ROOT / "ds_configs" / "zero2_offload.json"))
     for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
         monkeypatch.delenv(var, raising=False)
-    offload = doctor.requested_offload()
+    offload = doctor.Requested.offload()
     assert offload == ("cpu", "none")  # optimizer offload: cpu_adam will be JIT-built
     lock = tmp_path / "cpu_adam" / "lock"
     lock.parent.mkdir()

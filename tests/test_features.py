@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import launch, metrics, runtime, tiny_run
+from conftest import fake_accelerator, launch, metrics, runtime, tiny_opt, tiny_run
 
 FP32 = ["--mixed_precision", "no"]
 
@@ -221,9 +221,8 @@ def test_deepspeed_overflows_are_counted_with_its_own_scaler(monkeypatch):
         def step(self):
             pass
 
-    accelerator = SimpleNamespace(scaler=None, distributed_type=DistributedType.DEEPSPEED, device=torch.device("cpu"),
-                                  state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(
-                                      deepspeed_config={"fp16": {"enabled": True}})))
+    accelerator = fake_accelerator(scaler=None, distributed_type=DistributedType.DEEPSPEED, state=SimpleNamespace(
+        deepspeed_plugin=SimpleNamespace(deepspeed_config={"fp16": {"enabled": True}})))
     guard = StepGuard(accelerator, Engine(), min_loss_scale=1.0)
     assert guard.min_loss_scale == 2.0**15 and scaler.raise_error_at_min_scale is False
     advanced, scales = [], []
@@ -256,19 +255,13 @@ def test_activation_checkpointing_gives_the_same_losses(config, fp32_runs, text_
 def test_activation_checkpointing_saves_activation_memory():
     """Bytes autograd keeps for backward, counted exactly with saved-tensor hooks, with the
     toolkit's own switch (as a single-process or DDP run uses it)."""
-    from types import SimpleNamespace
-
-    from transformers import OPTConfig, OPTForCausalLM
-
     from toolkit import strategy
-    from toolkit.model import PRESETS
 
     saved = {}
     for checkpointing in (False, True):
-        torch.manual_seed(0)
-        model = OPTForCausalLM(OPTConfig(**{**PRESETS["tiny-opt"], "num_hidden_layers": 4}))
+        model = tiny_opt(num_hidden_layers=4)
         if checkpointing:
-            plain = SimpleNamespace(distributed_type=strategy.DistributedType.NO)
+            plain = fake_accelerator()
             assert strategy.enable_activation_checkpointing(plain, model) == "transformers"
         model.train()
         total = 0

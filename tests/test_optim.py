@@ -8,22 +8,15 @@ from types import SimpleNamespace
 import pytest
 import torch
 import yaml
-from transformers import OPTConfig, OPTForCausalLM
 
-from conftest import ACCELERATE_CONFIGS, ROOT, launch, metrics, runtime, tiny_run
-from toolkit import strategy
+from conftest import ACCELERATE_CONFIGS, ROOT, fake_accelerator, launch, metrics, runtime, tiny_opt, tiny_run
+from toolkit import strategy, telemetry
 from toolkit.config import OptimConfig, RunConfig, UserError
-from toolkit.model import PRESETS
 from toolkit.optim import build_optimizer, build_scheduler, param_groups
 
 def ds_optimizer() -> dict:
     """A fresh section each time: check_optimizer fills "auto" values in place."""
     return {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"}}
-
-
-def tiny_opt() -> OPTForCausalLM:
-    torch.manual_seed(0)
-    return OPTForCausalLM(OPTConfig(**PRESETS["tiny-opt"]))
 
 
 def test_8bit_state_is_about_a_quarter_of_adamw():
@@ -35,7 +28,7 @@ def test_8bit_state_is_about_a_quarter_of_adamw():
         ids = torch.randint(0, 2048, (2, 16), generator=torch.Generator().manual_seed(0))
         model(input_ids=ids, labels=ids).loss.backward()
         optimizer.step()
-        sizes[name] = strategy.optimizer_state_size(optimizer)[1]
+        sizes[name] = telemetry.optimizer_state_size(optimizer)[1]
     assert sizes["adamw"] == 2 * 4 * sum(p.numel() for p in model.parameters())  # exp_avg + exp_avg_sq, fp32
     assert sizes["adamw_8bit"] <= 0.3 * sizes["adamw"]
     assert sizes["paged_adamw_8bit"] == sizes["adamw_8bit"]  # paging is CUDA-only; the states are the same
@@ -79,7 +72,7 @@ def test_schedules_with_warmup(name):
         assert lrs == pytest.approx(SCHEDULES[name], abs=1e-12)
 
 
-def fake_accelerator(config: str, tmp_path=None, ds_json: dict | None = None, monkeypatch=None):
+def accelerator_for(config: str, tmp_path=None, ds_json: dict | None = None, monkeypatch=None):
     """What `make_accelerator` returns for an accelerate config file, enough for check_optimizer."""
     acc = yaml.safe_load((ACCELERATE_CONFIGS / f"{config}.yaml").read_text())
     kind = {"DEEPSPEED": strategy.DistributedType.DEEPSPEED, "FSDP": strategy.DistributedType.FSDP}.get(
@@ -94,7 +87,7 @@ def fake_accelerator(config: str, tmp_path=None, ds_json: dict | None = None, mo
             path.write_text(json.dumps(written))
         monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(path))
         plugin = SimpleNamespace(deepspeed_config=written)
-    return SimpleNamespace(distributed_type=kind, state=SimpleNamespace(deepspeed_plugin=plugin))
+    return fake_accelerator(distributed_type=kind, state=SimpleNamespace(deepspeed_plugin=plugin))
 
 
 def check(name: str, accelerator, **optim):
@@ -110,7 +103,7 @@ CONFIGS = sorted(p.stem for p in ACCELERATE_CONFIGS.glob("*.yaml"))
 @pytest.mark.parametrize("config", CONFIGS)
 @pytest.mark.parametrize("name", ["adamw_8bit", "paged_adamw_8bit"])
 def test_8bit_is_refused_under_fsdp_and_optimizer_offload(name, config, tmp_path, monkeypatch):
-    accelerator = fake_accelerator(config, tmp_path, monkeypatch=monkeypatch)
+    accelerator = accelerator_for(config, tmp_path, monkeypatch=monkeypatch)
     plugin = accelerator.state.deepspeed_plugin
     offload = plugin and plugin.deepspeed_config["zero_optimization"].get("offload_optimizer", {}).get("device")
     if accelerator.distributed_type == strategy.DistributedType.FSDP:
@@ -128,21 +121,21 @@ def test_8bit_is_refused_under_fsdp_and_optimizer_offload(name, config, tmp_path
 def test_deepspeed_owned_optimizer_combinations(tmp_path, monkeypatch):
     for config in ("ddp", "fsdp"):
         with pytest.raises(UserError, match="optim.name=deepspeed .* not DeepSpeed: launch with a DeepSpeed"):
-            check("deepspeed", fake_accelerator(config))
+            check("deepspeed", accelerator_for(config))
     with pytest.raises(UserError, match='optim.name=deepspeed needs an "optimizer" section in .*zero2.json'):
-        check("deepspeed", fake_accelerator("zero2", tmp_path, monkeypatch=monkeypatch))
-    with_optimizer = fake_accelerator("zero2", tmp_path, {"optimizer": ds_optimizer()}, monkeypatch)
+        check("deepspeed", accelerator_for("zero2", tmp_path, monkeypatch=monkeypatch))
+    with_optimizer = accelerator_for("zero2", tmp_path, {"optimizer": ds_optimizer()}, monkeypatch)
     for name in ("adamw", "adamw_8bit"):
         with pytest.raises(UserError, match=f'ds.json has its own "optimizer" section.*optim.name={name}: set '
                                             "optim.name=deepspeed"):
             check(name, with_optimizer)
     with pytest.raises(UserError, match='has its own "scheduler" section.*optim.name=adamw'):
-        check("adamw", fake_accelerator("zero2", tmp_path, {"scheduler": {"type": "WarmupLR"}}, monkeypatch))
+        check("adamw", accelerator_for("zero2", tmp_path, {"scheduler": {"type": "WarmupLR"}}, monkeypatch))
     # "auto" optimizer parameters take the run config's; a value that disagrees is refused
     params = check("deepspeed", with_optimizer, lr=0.01, beta2=0.95, eps=1e-6,
                    weight_decay=0.1).state.deepspeed_plugin.deepspeed_config["optimizer"]["params"]
     assert params == {"lr": 0.01, "betas": [0.9, 0.95], "eps": 1e-6, "weight_decay": 0.1}
-    explicit = fake_accelerator("zero2", tmp_path, {"optimizer": {"type": "AdamW", "params": {"lr": 0.02}}},
+    explicit = accelerator_for("zero2", tmp_path, {"optimizer": {"type": "AdamW", "params": {"lr": 0.02}}},
                                 monkeypatch)
     with pytest.raises(UserError, match='sets optimizer.params.lr=0.02 but the run config has optim.lr=0.01: set '
                                         '"lr": "auto"'):

@@ -6,17 +6,11 @@ import copy
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from transformers import OPTConfig, OPTForCausalLM
 
-from toolkit import loss as loss_lib, strategy
+from conftest import fake_accelerator, tiny_opt
+from toolkit import cpu, loss as loss_lib
 from toolkit.data import IGNORE, Collator, _pack_examples
-from toolkit.model import PRESETS
 from toolkit.telemetry import count_tokens
-
-
-def tiny_model() -> OPTForCausalLM:
-    torch.manual_seed(0)
-    return OPTForCausalLM(OPTConfig(**PRESETS["tiny-opt"]))
 
 
 def batch_with_ignored_labels() -> dict:
@@ -31,7 +25,7 @@ def batch_with_ignored_labels() -> dict:
 @pytest.mark.parametrize("chunk_bytes", [loss_lib.CHUNK_BYTES, 3 * 2048 * 4])  # one chunk; 3 tokens a chunk
 def test_fused_loss_equals_transformers_loss_and_gradients(chunk_bytes, monkeypatch):
     monkeypatch.setattr(loss_lib, "CHUNK_BYTES", chunk_bytes)
-    plain = tiny_model()
+    plain = tiny_opt()
     fused = loss_lib.fuse_head_and_loss(copy.deepcopy(plain))
     assert fused.lm_head.weight is fused.model.decoder.embed_tokens.weight  # still tied
     batch = batch_with_ignored_labels()
@@ -48,7 +42,7 @@ def test_fused_loss_equals_transformers_loss_and_gradients(chunk_bytes, monkeypa
 
 
 def test_fused_loss_under_bf16_autocast_computes_the_head_in_bf16():
-    plain = tiny_model()
+    plain = tiny_opt()
     fused = loss_lib.fuse_head_and_loss(copy.deepcopy(plain))
     batch = batch_with_ignored_labels()
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -61,7 +55,7 @@ def test_fused_loss_under_bf16_autocast_computes_the_head_in_bf16():
 
 
 def test_forwards_without_gradients_and_generation_keep_the_logits():
-    fused = loss_lib.fuse_head_and_loss(tiny_model())
+    fused = loss_lib.fuse_head_and_loss(tiny_opt())
     batch = batch_with_ignored_labels()
     with torch.no_grad():
         out = fused(**batch)
@@ -78,7 +72,7 @@ def test_packed_sft_rows_score_each_example_as_if_it_were_alone():
     packed = Collator(pad_token_id=1)([{k: rows[k][i] for k in rows} for i in range(2)])
     in_packed_order = [examples[2], examples[0], examples[1]]
     alone = Collator(pad_token_id=1)([{"input_ids": ids, "labels": labels} for ids, labels in in_packed_order])
-    model = tiny_model()
+    model = tiny_opt()
 
     def token_nlls(batch):
         inputs = {k: v for k, v in batch.items() if k not in ("labels", "num_targets")}
@@ -100,13 +94,13 @@ def test_packed_sft_rows_score_each_example_as_if_it_were_alone():
     ({"OMP_NUM_THREADS": "1", "LOCAL_WORLD_SIZE": "2"}, 1, (1, "train.cpu_threads")),
 ])
 def test_each_process_computes_with_its_share_of_the_cores(env, asked, expected, monkeypatch):
-    monkeypatch.setattr(strategy.os, "sched_getaffinity", lambda pid: set(range(4)))  # a 4-core machine
-    monkeypatch.setattr(strategy.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(cpu.os, "sched_getaffinity", lambda pid: set(range(4)))  # a 4-core machine
+    monkeypatch.setattr(cpu.torch.cuda, "is_available", lambda: False)
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     before = torch.get_num_threads()
     try:
-        runtime = strategy.use_cpu_share(asked)
+        runtime = cpu.use_cpu_share(asked)
         assert (runtime["cpu_threads"], runtime["cpu_threads_from"]) == expected
         assert torch.get_num_threads() == expected[0]
     finally:
@@ -131,18 +125,15 @@ def test_evaluation_scores_through_the_chunked_head_without_full_logits(monkeypa
     """Held-out windows are 2048 positions for a real OPT: evaluation must not hold [batch,
     sequence, vocab] logits (nor their log-softmax), training's chunks serve it too. Same numbers as
     transformers' full logits, to fp32 summation order (1e-6)."""
-    from types import SimpleNamespace
-
     from toolkit.validation import evaluate_model
 
     monkeypatch.setattr(loss_lib, "CHUNK_BYTES", 16 * 2048 * 4)  # 16 positions a chunk
-    plain = tiny_model()
+    plain = tiny_opt()
     fused = loss_lib.fuse_head_and_loss(copy.deepcopy(plain), training=False)
     batch = {**batch_with_ignored_labels(), "n_bytes": torch.tensor([7, 0, 5, 0]),
              "documents": torch.tensor([1, 0, 1, 0])}
-    one_process = SimpleNamespace(gather_for_metrics=lambda t: t)
     with LargestTensor() as seen:
-        ours = evaluate_model(fused, [batch], one_process)
+        ours = evaluate_model(fused, [batch], fake_accelerator())
     with torch.no_grad():
         logits = plain(input_ids=batch["input_ids"]).logits[:, :-1]
     targets = batch["labels"][:, 1:]

@@ -330,9 +330,9 @@ def test_deepspeed_json_that_contradicts_the_run_config_is_refused(tmp_path, mon
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(path))
     plugin = SimpleNamespace(deepspeed_config={"zero_optimization": {"stage": 2}})
     with pytest.raises(UserError, match='sets gradient_accumulation_steps=8 but the run config implies 1'):
-        strategy.fill_deepspeed_config(plugin, RunConfig(), num_processes=2)
+        strategy.zero.fill_config(plugin, RunConfig(), num_processes=2)
     path.write_text(json.dumps({"gradient_accumulation_steps": "auto", "zero_optimization": {"stage": 3}}))
-    strategy.fill_deepspeed_config(plugin, RunConfig(), num_processes=2)
+    strategy.zero.fill_config(plugin, RunConfig(), num_processes=2)
     assert plugin.deepspeed_config["train_batch_size"] == 16 and plugin.deepspeed_config["gradient_clipping"] == 1.0
 
 
@@ -346,13 +346,13 @@ def test_the_fp16_loss_scale_floor_comes_from_the_run_config(tmp_path, monkeypat
     for shipped in (ROOT / "ds_configs").glob("*.json"):
         path.write_text(shipped.read_text())
         plugin = SimpleNamespace(deepspeed_config=json.loads(shipped.read_text()))
-        strategy.fill_deepspeed_config(plugin, cfg, num_processes=2)
+        strategy.zero.fill_config(plugin, cfg, num_processes=2)
         assert plugin.deepspeed_config["fp16"]["min_loss_scale"] == 1024, shipped.name
     path.write_text(json.dumps({"fp16": {"enabled": "auto", "min_loss_scale": 1}, "zero_optimization": {"stage": 2}}))
     plugin = SimpleNamespace(deepspeed_config={"fp16": {"enabled": "auto", "min_loss_scale": 1},
                                                "zero_optimization": {"stage": 2}})
     with pytest.raises(UserError, match='sets fp16.min_loss_scale=1 but the run config has train.min_loss_scale=1024'):
-        strategy.fill_deepspeed_config(plugin, cfg, num_processes=2)
+        strategy.zero.fill_config(plugin, cfg, num_processes=2)
 
 
 def test_zero3_working_set_auto_is_two_decoder_layers(tmp_path, monkeypatch):
@@ -363,6 +363,6 @@ def test_zero3_working_set_auto_is_two_decoder_layers(tmp_path, monkeypatch):
     plugin = SimpleNamespace(deepspeed_config={"zero_optimization": zero})
     cfg = RunConfig()
     cfg.model.name_or_path = "random-opt-350m"
-    strategy.fill_deepspeed_config(plugin, cfg, num_processes=2)
+    strategy.zero.fill_config(plugin, cfg, num_processes=2)
     layer = 4 * 1024**2 + 2 * 1024 * 4096  # q, k, v, out_proj + fc1, fc2 of opt-350m
     assert zero["stage3_max_live_parameters"] == 2 * layer and zero["stage3_max_reuse_distance"] == 5

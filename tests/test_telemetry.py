@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, environment, launch, metrics, runtime, tiny_run
+from conftest import ROOT, environment, launch, metrics, runtime, tiny_opt, tiny_run
 from toolkit import config, telemetry
 from toolkit.config import UserError
 
@@ -60,14 +60,10 @@ def test_real_tokens_are_the_attention_mask_padded_ones_every_position():
 
 
 def test_model_flops_full_and_lora():
-    import torch
-    from transformers import OPTConfig, OPTForCausalLM
-
     from toolkit.config import LoraConfig
-    from toolkit.model import PRESETS, apply_lora
+    from toolkit.model import apply_lora
 
-    torch.manual_seed(0)
-    model = OPTForCausalLM(OPTConfig(**PRESETS["tiny-opt"]))
+    model = tiny_opt()
     positions = model.model.decoder.embed_positions.weight.numel()
     everything = sum(p.numel() for p in model.parameters())  # lm_head is tied: counted once
     attention = 12 * 2 * 128  # layers x hidden

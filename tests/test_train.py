@@ -7,13 +7,12 @@ import os
 import shutil
 import signal
 import subprocess
-from types import SimpleNamespace
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, Job, launch, logged_steps, metrics, runtime, tiny_run
+from conftest import ROOT, Job, fake_accelerator, launch, logged_steps, metrics, runtime, tiny_run
 from toolkit import checkpoint, config as config_lib
 from toolkit.config import UserError
 from toolkit.telemetry import trim_metrics
@@ -269,12 +268,6 @@ def test_resume_by_path_across_an_epoch_boundary_is_exact(epoch_runs):
     assert ours and {r["epoch"] for r in ours} == {0, 1}  # it crossed the boundary
     for r in ours:
         assert r["loss"] == pytest.approx(reference[r["step"]]["loss"], rel=1e-6), r["step"]
-
-
-def fake_accelerator():
-    """Enough of an Accelerator for checkpoint.save on one process: save_state writes a weights file."""
-    return SimpleNamespace(is_main_process=True, num_processes=1, device=torch.device("cpu"),
-                           save_state=lambda d: (checkpoint.Path(d) / "model.safetensors").write_text("w"))
 
 
 def test_keep_last_deletes_old_checkpoints_but_never_the_resumed_one(tmp_path):

@@ -1,5 +1,5 @@
 """Checkpoints: the one module that knows their layouts. Save, find and resume training state;
-load a checkpoint's model (for evaluation and export); write Hugging Face model directories.
+load a checkpoint's model (for evaluation and export.py).
 
 A resumable checkpoint `checkpoints/step-000200/` is `accelerator.save_state` (model, optimizer,
 scheduler, RNG; in the strategy's own layout) plus the toolkit's `trainer_state.json` (step,
@@ -18,7 +18,7 @@ from pathlib import Path
 
 from . import config as config_lib, job
 from .config import RunConfig, UserError
-from .files import publish_dir, replaced_dir, scratch_dir, tmp_name
+from .files import publish_dir, scratch_dir, tmp_name
 
 STATE_FILE = "trainer_state.json"
 STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -72,7 +72,9 @@ def save(accelerator, cfg: RunConfig, trainer_state: dict, keep: Path | None = N
     # Patient: deleting old checkpoints on a slow filesystem may take longer than train.collective_timeout.
     with job.stop_together(accelerator, failed, patient=True):
         if accelerator.is_main_process:
-            (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=2))
+            # what the checkpoint is: its step, data position, and the ranks whose shards it holds
+            state = {**trainer_state, "num_processes": accelerator.num_processes}
+            (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
             config_lib.save(cfg, tmp / "config.yaml")
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp / "tokenizer")
@@ -114,7 +116,9 @@ def check_resume(path: Path, cfg: RunConfig, num_processes: int, running_layout:
     saved = config_lib.load(path / "config.yaml")
     changed = [f"{key} {config_lib.get(saved, key)!r} -> {config_lib.get(cfg, key)!r}"
                for key in MUST_MATCH if config_lib.get(saved, key) != config_lib.get(cfg, key)]
-    saved_procs = saved.runtime.get("num_processes", num_processes)
+    state = json.loads((path / STATE_FILE).read_text())
+    # (checkpoints of earlier toolkit versions have it in their config's runtime only)
+    saved_procs = state.pop("num_processes", None) or saved.runtime.get("num_processes", num_processes)
     saved_global = saved.train.global_batch_size(saved_procs)
     if saved_global != cfg.train.global_batch_size(num_processes):
         changed.append(f"global batch {saved_global} -> {cfg.train.global_batch_size(num_processes)} "
@@ -130,7 +134,6 @@ def check_resume(path: Path, cfg: RunConfig, num_processes: int, running_layout:
     if saved_layout != running_layout:
         raise UserError(f"cannot resume {path} under this strategy: it holds {saved_layout} state; launch with the "
                         "accelerate config it was trained with (or export it and start a new run from the export)")
-    state = json.loads((path / STATE_FILE).read_text())
     # The same global batch is the same consecutive samples of the seeded order per step, however
     # it is split, so the position maps by samples seen (exact, also for a new micro batch).
     samples = state["batch"] * saved.train.micro_batch_size * saved_procs
@@ -237,67 +240,3 @@ def load_sharded_weights(accelerator, model, step_dir: Path) -> None:
 
         # The model part of load_state: its optimizer part needs the run's optimizer.
         load_fsdp_model(accelerator.state.fsdp_plugin, accelerator, model, str(step_dir))
-
-
-# --- Hugging Face model directories -------------------------------------------------------------
-
-
-EXPORT_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-
-
-def export(accelerator, model, tokenizer, out: str | Path, merge_lora: bool = False, dtype: str = "fp32") -> None:
-    """Write `out` as a Hugging Face model directory, whatever the strategy.
-
-    All ranks call this: the full state dict of the master weights is gathered on the main process
-    only (the naive `save_pretrained` of a sharded model writes empty tensors)."""
-    from .strategy import master_state_dict
-
-    state_dict = master_state_dict(accelerator, model)  # all ranks
-    if accelerator.is_main_process:
-        write_hf_model(accelerator.unwrap_model(model), state_dict, tokenizer, Path(out), merge_lora, dtype)
-    accelerator.wait_for_everyone()
-
-
-def write_hf_model(model, state_dict: dict, tokenizer, out: Path, merge_lora: bool = False,
-                   dtype: str = "fp32") -> None:
-    """safetensors weights + config + tokenizer that plain transformers loads; for a LoRA model the
-    adapter (peft picks its weights out of the full state dict), and with `merge_lora` also
-    `merged/`, a full model. The same files under every strategy: floats in `dtype` (fp32, bf16 or
-    fp16) and no second copy of a tied weight."""
-    import torch
-
-    torch_dtype = getattr(torch, EXPORT_DTYPES[dtype])
-    # Gathered shards no longer share storage, so transformers' own check would keep the tied
-    # lm_head as a second copy of the embedding (FSDP): drop it by name; loading ties it again.
-    tied = getattr(model, "all_tied_weights_keys", None) or {}
-    weights = {k: v.to(torch_dtype) if v.is_floating_point() else v for k, v in state_dict.items() if k not in tied}
-    with replaced_dir(out) as tmp:
-        model.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
-        _record_dtype(tmp, dtype)  # save_pretrained records the live model's dtype, not the files'
-        tokenizer.save_pretrained(tmp)
-        if merge_lora:
-            merged = merged_model(model, state_dict, out).to(torch_dtype)
-            merged.save_pretrained(tmp / "merged", safe_serialization=True)
-            tokenizer.save_pretrained(tmp / "merged")
-
-
-def _record_dtype(directory: Path, dtype: str) -> None:
-    config = directory / "config.json"
-    if config.is_file():
-        fields = json.loads(config.read_text())
-        fields["dtype"] = EXPORT_DTYPES[dtype]
-        config.write_text(json.dumps(fields, indent=2, sort_keys=True) + "\n")
-
-
-def merged_model(peft_model, state_dict: dict, source: Path):
-    """A fresh full model on CPU with the LoRA weights folded in (the live one may be sharded, so
-    it is rebuilt from the full state dict rather than merged in place)."""
-    import copy
-
-    from peft import get_peft_model
-    from transformers import OPTForCausalLM
-
-    base = OPTForCausalLM(copy.deepcopy(peft_model.base_model.model.config))
-    fresh = get_peft_model(base, copy.deepcopy(peft_model.peft_config["default"]))
-    load_weights(fresh, {k: v.float().cpu() for k, v in state_dict.items()}, source)
-    return fresh.merge_and_unload()

@@ -19,9 +19,9 @@ from torch.utils.data import DataLoader
 
 from .config import DataConfig, UserError
 from .demo_data import load_builtin
+from .loss import IGNORE  # label value the loss skips (prompt tokens, padding)
 
 LOADERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
-IGNORE = -100  # label value the loss skips (prompt tokens, padding)
 
 
 def load_source(source: str, split: str = "train") -> datasets.Dataset:

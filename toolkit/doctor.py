@@ -11,7 +11,6 @@ Exit status 0 when everything passes, else 2 with one `error: ...` line.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -24,7 +23,9 @@ import torch
 import torch.distributed as dist
 
 from .config import RunConfig, UserError, run_cli
-from .strategy import Requested, check_optimizer, make_accelerator, verify, versions
+from .launch import Requested
+from .strategy import check_optimizer, make_accelerator, verify
+from .telemetry import versions
 
 LOW_DISK_GIB = 10
 
@@ -78,17 +79,6 @@ def check_output_dir(report: Report, output_dir: str) -> None:
     low = free < LOW_DISK_GIB
     report.line("warn" if low else "ok", "output dir",
                 f"{path.resolve()}: {free:.1f} GiB free" + (" (checkpoints may not fit)" if low else ""))
-
-
-def requested_offload() -> tuple[str, str] | None:
-    """(optimizer, param) offload devices of the DeepSpeed config this launch asks for; None if not DeepSpeed."""
-    if Requested.from_env().kind != "deepspeed":
-        return None
-    path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
-    if path == "none":  # answered inline in `accelerate config`
-        return tuple(os.environ.get(f"ACCELERATE_DEEPSPEED_OFFLOAD_{k}_DEVICE", "none") for k in ("OPTIMIZER", "PARAM"))
-    zero = json.loads(Path(path).read_text()).get("zero_optimization", {})
-    return tuple((zero.get(f"offload_{k}") or {}).get("device", "none") for k in ("optimizer", "param"))
 
 
 def extensions_dir() -> Path:
@@ -202,13 +192,11 @@ def check_collectives(report: Report, accelerator, mib: int = 32, reps: int = 3)
 
 def check_strategy(report: Report, accelerator, cfg: RunConfig) -> None:
     """All ranks: the trainer's own check after `prepare`, on a tiny OPT, after one real step."""
-    from transformers import OPTConfig, OPTForCausalLM
+    from .model import PRESETS, preset_model
 
-    from .model import PRESETS
     try:
         check_optimizer(accelerator, cfg)
-        torch.manual_seed(0)  # the same initial weights on every rank
-        model = OPTForCausalLM(OPTConfig(**PRESETS["tiny-opt"]))
+        model = preset_model("tiny-opt", seed=0)  # the same initial weights on every rank
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
         model, optimizer = accelerator.prepare(model, optimizer)  # all ranks
         ids = torch.randint(4, PRESETS["tiny-opt"]["vocab_size"], (2, 32), device=accelerator.device)
@@ -236,7 +224,7 @@ def main(argv=None) -> None:
     check_versions(report)
     check_devices(report)
     check_output_dir(report, args.output_dir)
-    offload = requested_offload()
+    offload = Requested.offload()
     check_deepspeed_ops(report, offload, lock_wait=args.timeout)
     check_libaio(report, offload)
     # A stale build lock would hang the process group's start: stop before it (the other

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint as checkpoint_lib, config as config_lib, data, job, strategy
+from . import checkpoint as checkpoint_lib, config as config_lib, cpu, data, job, strategy
 from .config import DataConfig, ModelConfig, RunConfig, UserError, run_cli
 from .data import IGNORE
-from .files import replaced_file, write_text
+from .files import pyplot, write_figure, write_text
 from .loss import fuse_head_and_loss
 from .model import build_model, initial_model
 from .telemetry import quiet_known_noise
@@ -130,7 +130,7 @@ def eval_accelerator(targets: list[Target], args):
         cfg, train=dataclasses.replace(cfg.train, micro_batch_size=args.batch_size, grad_accum_steps=1,
                                        report_to="none"),
         output_dir=str(first.run_dir or "."))
-    strategy.use_cpu_share()  # this launch's share of the cores, as in training
+    cpu.use_cpu_share()  # this launch's share of the cores, as in training
     return strategy.make_accelerator(cfg)
 
 
@@ -283,9 +283,7 @@ def format_row(row: dict, header: bool) -> str:
 
 
 def plot(rows: list[dict], best: dict, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")  # no display on training machines
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     points = sorted((r for r in rows if r["step"] is not None), key=lambda r: r["step"])
     if not points:
@@ -305,9 +303,7 @@ def plot(rows: list[dict], best: dict, path: Path) -> None:
     ax.legend(loc="upper right")
     ax.set_title("held-out perplexity by checkpoint")
     fig.tight_layout()
-    with replaced_file(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    write_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -76,6 +76,23 @@ def write_text(path: Path, text: str) -> None:
         tmp.write_text(text)
 
 
+def pyplot():
+    """matplotlib's pyplot, on its file-only backend (no display on training machines)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def write_figure(fig, path: Path) -> None:
+    """`fig` as a PNG at `path`, replaced whole; the figure is closed."""
+    with replaced_file(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    pyplot().close(fig)
+
+
 def fsync(path: Path) -> None:
     """Flush a file's data, or a directory's entries, to disk."""
     if os.name == "nt" and path.is_dir():

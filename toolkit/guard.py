@@ -18,18 +18,16 @@ from __future__ import annotations
 import torch
 from accelerate.utils import DistributedType
 
+from . import patches
+
 
 class StepGuard:
     def __init__(self, accelerator, optimizer, min_loss_scale: float):
         self.grad_scaler = accelerator.scaler  # torch's GradScaler: fp16 under one process, DDP or FSDP
         self.deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
         self.zero_optimizer = optimizer.optimizer if self.deepspeed and model_fp16(accelerator) else None
-        if self.zero_optimizer is not None:
-            scaler = self.zero_optimizer.loss_scaler
-            # DeepSpeed raises a bare Exception (a traceback) for an overflow at its floor; here that is
-            # a bad step, counted like any other, so the run ends with the one-line divergence error.
-            scaler.raise_error_at_min_scale = False
-            min_loss_scale = scaler.min_scale
+        if self.zero_optimizer is not None:  # its own floor, at which it must not raise
+            min_loss_scale = patches.count_overflows_at_the_floor(self.zero_optimizer)
         self.min_loss_scale = min_loss_scale
         self.scale = self._current_scale()
         device = accelerator.device
@@ -60,7 +58,7 @@ class StepGuard:
             if self.deepspeed:
                 optimizer.step()  # a no-op: DeepSpeed stepped inside backward (docs/training-loop.md)
             else:
-                step_unless(optimizer, skip)
+                patches.step_unless(optimizer, skip)
             self._count(skip, skip, loss_is_finite)
             return True
         before = self.scale
@@ -110,20 +108,3 @@ def whole(value) -> torch.Tensor | None:
 
 def model_fp16(accelerator) -> bool:
     return accelerator.state.deepspeed_plugin.deepspeed_config.get("fp16", {}).get("enabled") is True
-
-
-def step_unless(optimizer, skip: torch.Tensor) -> None:
-    """`optimizer.step()`, skipped where the device flag `skip` is set. torch's fused optimizers take
-    such a flag as GradScaler hands it to them (`found_inf`: the update is skipped on the device), so
-    the host does not wait for the device to decide; others (bitsandbytes) are told on the host."""
-    inner = optimizer
-    while hasattr(inner, "optimizer"):
-        inner = inner.optimizer
-    if getattr(inner, "_step_supports_amp_scaling", False):
-        inner.found_inf = skip.float()
-        try:
-            optimizer.step()
-        finally:
-            del inner.found_inf
-    elif not skip.item():
-        optimizer.step()

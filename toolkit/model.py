@@ -11,37 +11,15 @@ import hashlib
 import math
 import os
 from collections.abc import Iterable
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoTokenizer, OPTConfig, OPTForCausalLM, PreTrainedTokenizerFast
 
 from .config import LoraConfig, ModelConfig, UserError
+from .shapes import PRESETS, layer_numel as _layer_numel
 
-# The real OPT shapes (from the published configs); vocab 50272 and 2048 positions throughout.
-_REAL = dict(vocab_size=50272, max_position_embeddings=2048)
-PRESETS: dict[str, dict] = {
-    # 0.76M parameters: small enough for CPU tests, large enough (> 1 MiB of fp32 optimizer state
-    # per rank on 2 ranks) that DeepSpeed's NVMe offload really swaps, which it skips below that.
-    "tiny-opt": dict(vocab_size=2048, max_position_embeddings=512, hidden_size=128, num_hidden_layers=2,
-                     num_attention_heads=4, ffn_dim=512, word_embed_proj_dim=128, dropout=0.0,
-                     attention_dropout=0.0),
-    # 77M parameters in 24 layers of 3M: the whole model (308 MB in fp32) dwarfs its largest
-    # parameter, so tests can tell a sharded build (half of it per rank) from a whole one.
-    "small-opt": dict(vocab_size=2048, max_position_embeddings=512, hidden_size=512, num_hidden_layers=24,
-                      num_attention_heads=8, ffn_dim=2048, word_embed_proj_dim=512, dropout=0.0,
-                      attention_dropout=0.0),
-    "random-opt-125m": dict(_REAL, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, ffn_dim=3072,
-                            word_embed_proj_dim=768),
-    "random-opt-350m": dict(_REAL, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, ffn_dim=4096,
-                            word_embed_proj_dim=512, do_layer_norm_before=False),
-    "random-opt-1.3b": dict(_REAL, hidden_size=2048, num_hidden_layers=24, num_attention_heads=32, ffn_dim=8192,
-                            word_embed_proj_dim=2048),
-    "random-opt-2.7b": dict(_REAL, hidden_size=2560, num_hidden_layers=32, num_attention_heads=32, ffn_dim=10240,
-                            word_embed_proj_dim=2560),
-    "random-opt-6.7b": dict(_REAL, hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, ffn_dim=16384,
-                            word_embed_proj_dim=4096),
-}
 SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>"]  # OPT's ids 0..3
 
 
@@ -128,11 +106,9 @@ def layer_numel(cfg: ModelConfig) -> int:
     """Parameters of one decoder layer (attention 4h² + feed-forward 2·h·ffn, biases aside), read
     from the preset or the model's config.json, before anything is built."""
     if is_preset(cfg.name_or_path):
-        hidden, ffn = PRESETS[cfg.name_or_path]["hidden_size"], PRESETS[cfg.name_or_path]["ffn_dim"]
-    else:
-        config = hub_config(cfg)
-        hidden, ffn = config.hidden_size, config.ffn_dim
-    return 4 * hidden * hidden + 2 * hidden * ffn
+        return _layer_numel(PRESETS[cfg.name_or_path]["hidden_size"], PRESETS[cfg.name_or_path]["ffn_dim"])
+    config = hub_config(cfg)
+    return _layer_numel(config.hidden_size, config.ffn_dim)
 
 
 def build_model(cfg: ModelConfig, tokenizer) -> OPTForCausalLM:
@@ -159,6 +135,13 @@ def build_model(cfg: ModelConfig, tokenizer) -> OPTForCausalLM:
                                           dtype=torch.float32, use_safetensors=None)
 
 
+def preset_model(name: str, seed: int = 0, **overrides) -> OPTForCausalLM:
+    """A preset with transformers' own random init, seeded, whole on the CPU: for the doctor, the
+    benchmarks and the tests, which need a model of these shapes, not a run's initial weights."""
+    torch.manual_seed(seed)
+    return OPTForCausalLM(OPTConfig(**{**PRESETS[name], **overrides}))
+
+
 def initial_model(cfg: ModelConfig, tokenizer, seed: int) -> OPTForCausalLM:
     """The model a run with this seed starts from, placed as `build_model` places it (evaluation
     of a LoRA adapter on a preset base, the skeleton a checkpoint is loaded into)."""
@@ -168,18 +151,17 @@ def initial_model(cfg: ModelConfig, tokenizer, seed: int) -> OPTForCausalLM:
     return model
 
 
-def initialize_weights(model: torch.nn.Module, seed: int, device: torch.device, whole_parameter=None) -> None:
+def initialize_weights(model: torch.nn.Module, seed: int, device: torch.device, hand_out=None) -> None:
     """Give a preset its initial weights, the same under every strategy: each parameter is drawn
     from its own generator, seeded by the run's seed and the parameter's name, so the values do
     not depend on which rank holds which part, nor on how many ranks there are. The rules are
     OPT's (transformers' `_init_weights`) and peft's LoRA defaults.
 
-    `whole_parameter(param)` (default: the strategy's) is a context manager that hands out the
-    whole parameter to write into (None on ranks that need not) and keeps this rank's part of it
+    `hand_out(param)` (default: `whole_parameter`) is a context manager that hands out the whole
+    parameter to write into (None on ranks that need not) and keeps this rank's part of it
     afterwards; parameters are visited one at a time, so the largest one bounds the memory this
     takes."""
-    if whole_parameter is None:
-        from .strategy import whole_parameter
+    hand_out = hand_out or whole_parameter
     if any(p.is_meta for p in model.parameters()):
         model.to_empty(device=device)
         model.tie_weights()  # to_empty gives the tied lm_head and embedding a tensor each
@@ -190,9 +172,30 @@ def initialize_weights(model: torch.nn.Module, seed: int, device: torch.device, 
             if id(param) in done:  # a tied weight, initialised as its first owner (the embedding)
                 continue
             done.add(id(param))
-            with torch.no_grad(), whole_parameter(param) as whole:
+            with torch.no_grad(), hand_out(param) as whole:
                 if whole is not None:
                     _draw(whole, module, name, std, _generator(seed, _canonical(name)))
+
+
+@contextmanager
+def whole_parameter(param: torch.nn.Parameter):
+    """The whole of `param`, to write its initial values into, whoever holds which part of it: None
+    on a rank that need not write."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if hasattr(param, "ds_id"):  # ZeRO-3: gathered; rank 0 writes, DeepSpeed re-partitions on exit
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+            yield param.data if torch.distributed.get_rank() == 0 else None
+    elif isinstance(param, DTensor):  # FSDP: every rank draws the same whole and keeps its shard
+        whole = torch.empty(param.shape, dtype=param.dtype, device=param.to_local().device)
+        yield whole
+        # src_data_rank=None: no broadcast, each rank slices its own (identical) copy
+        shard = distribute_tensor(whole, param.device_mesh, param.placements, src_data_rank=None)
+        param.to_local().copy_(shard.to_local())
+    else:
+        yield param.data
 
 
 def _draw(whole: torch.Tensor, module: torch.nn.Module, name: str, std: float, gen: torch.Generator) -> None:

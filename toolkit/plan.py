@@ -43,32 +43,20 @@ from pathlib import Path
 import yaml
 
 from .config import UserError, run_cli
+from .shapes import OPT_SIZES, opt_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "accelerate_configs"
 GIB = 2**30
 HEADROOM = 0.10
-# The published facebook/opt-* shapes: hidden, layers, heads, ffn_dim, word_embed_proj_dim.
-OPT = {"125m": (768, 12, 12, 3072, 768), "350m": (1024, 24, 16, 4096, 512), "1.3b": (2048, 24, 32, 8192, 2048),
-       "2.7b": (2560, 32, 32, 10240, 2560), "6.7b": (4096, 32, 32, 16384, 4096), "13b": (5120, 40, 40, 20480, 5120),
-       "30b": (7168, 48, 56, 28672, 7168), "66b": (9216, 64, 72, 36864, 9216)}
-
-
-def opt_config(size: str) -> dict:
-    h, layers, heads, ffn, proj = OPT[size]
-    return dict(model_type="opt", vocab_size=50272, max_position_embeddings=2048, hidden_size=h,
-                num_hidden_layers=layers, num_attention_heads=heads, ffn_dim=ffn, word_embed_proj_dim=proj,
-                do_layer_norm_before=size != "350m")  # 350m is post-LN: no final layer norm
-
-
 def resolve_model(name: str) -> dict:
     """An OPT config dict from a local HF directory or a built-in size (hub configs need the network)."""
     path = Path(name)
     if not path.is_dir():
         size = name.lower().removeprefix("facebook/").removeprefix("random-").removeprefix("opt-")
-        if size in OPT:
+        if size in OPT_SIZES:
             return opt_config(size)
-        raise UserError(f"unknown model {name!r}: neither an OPT size ({', '.join(OPT)}) nor a local directory, and "
+        raise UserError(f"unknown model {name!r}: neither an OPT size ({', '.join(OPT_SIZES)}) nor a local directory, and "
                         "hub configs are not fetched: pass an OPT size or the model's directory (with config.json)")
     if not (path / "config.json").is_file():
         raise UserError(f"{name} has no config.json: pass a Hugging Face model directory or an OPT size")

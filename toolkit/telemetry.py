@@ -7,6 +7,7 @@ Only the main process writes; every method of `Telemetry` is safe to call on eve
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import logging
 import math
@@ -26,7 +27,8 @@ from tqdm.auto import tqdm
 
 from .comm import KINDS, CommMeter
 from .config import PROFILE_WARMUP, RunConfig, UserError, to_dict
-from .files import replaced_file, write_text
+from .files import pyplot, replaced_file, write_figure, write_text
+from .launch import Requested
 
 # --- known third-party noise ----------------------------------------------------------------------
 
@@ -50,7 +52,7 @@ def quiet_known_noise() -> None:
         # OPT ties lm_head to the token embeddings: saving stores the tensor once, loading re-ties it
         "accelerate.utils.other": r"Removed shared tensor \{'lm_head\.weight'\} while saving",
     }
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() not in ("1", "true", "yes"):
+    if Requested.from_env().kind != "deepspeed":
         # DeepSpeed, imported by other libraries, says where it would run; this run does not use it
         dropped["DeepSpeed"] = r"Setting accelerator to CPU"
     for name, pattern in dropped.items():
@@ -225,7 +227,8 @@ def count_tokens(batch: dict) -> tuple[torch.Tensor, int]:
 
 
 class Telemetry:
-    def __init__(self, accelerator, cfg: RunConfig, max_steps: int, start_step: int = 0):
+    def __init__(self, accelerator, cfg: RunConfig, max_steps: int, flops: dict, start_step: int = 0):
+        """`flops`: model_flops and peak_flops of this run, what MFU is computed from."""
         self.accelerator = accelerator
         self.is_main = accelerator.is_main_process
         self.out = Path(cfg.output_dir)
@@ -233,11 +236,10 @@ class Telemetry:
         self.max_steps = max_steps
         self.bar = tqdm(total=max_steps, initial=start_step, disable=not self.is_main, desc="train",
                         dynamic_ncols=True, file=sys.stdout)
-        runtime = cfg.runtime
-        self.flops_per_token = runtime.get("flops_per_token", 0)
-        self.attention_flops = runtime.get("attention_flops_per_token_per_position", 0)
+        self.flops_per_token = flops.get("flops_per_token", 0)
+        self.attention_flops = flops.get("attention_flops_per_token_per_position", 0)
         # Peak of all processes together (each has a device like the main one's), for MFU.
-        self.peak_flops = runtime.get("peak_tflops", 0) * 1e12 * accelerator.num_processes
+        self.peak_flops = flops.get("peak_tflops", 0) * 1e12 * accelerator.num_processes
         # This rank's [real tokens, padded tokens, model FLOPs] since the last logged step.
         self.pending = torch.zeros(3, dtype=torch.float64, device=accelerator.device)
         # The clock runs only inside optimizer steps: evaluation and checkpoints don't count against throughput.
@@ -443,9 +445,7 @@ def plot_curves(records: list[dict], path: Path) -> None:
     evals = [r for r in records if "eval_perplexity" in r]
     if not train:
         return
-    import matplotlib
-    matplotlib.use("Agg")  # no display on training machines
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     panels = [("loss", "training loss (nats / token)", train), ("lr", "learning rate", train)]
     if evals:
@@ -456,9 +456,7 @@ def plot_curves(records: list[dict], path: Path) -> None:
         ax.set_title(title)
         ax.set_xlabel("step")
     fig.tight_layout()
-    with replaced_file(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    write_figure(fig, path)
 
 
 def _significant(value: float, digits: int = 4) -> float:
@@ -516,3 +514,74 @@ def memory_now_gb() -> float:
     except OSError:  # not Linux
         return peak_memory_gb()
     return int(status.split("VmRSS:")[1].split()[0]) / 2**20  # kB
+
+
+# --- what the run measures of its model and optimizer ---------------------------------------------
+
+
+def sharded_numel(model) -> tuple[int, int]:
+    """(elements of parameters held by this rank, elements of the full model)."""
+    local = full = 0
+    for p in model.parameters():
+        if hasattr(p, "ds_numel"):  # ZeRO-3: `p` is an empty placeholder, the shard is ds_tensor
+            full += p.ds_numel
+            local += p.ds_tensor.numel()
+        else:  # FSDP2 shards are DTensors
+            full += p.numel()
+            local += p.to_local().numel() if hasattr(p, "to_local") else p.numel()
+    return local, full
+
+
+def trainable_numel(model) -> int:
+    """Elements of the parameters that train (all of them, or only the LoRA adapters)."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
+
+
+def innermost(optimizer):
+    """The optimizer that updates the weights, under accelerate's and DeepSpeed's wrappers."""
+    while hasattr(optimizer, "optimizer"):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+def optimizer_state_size(optimizer) -> tuple[int, int]:
+    """(elements, bytes) of optimizer state held by this rank, under any wrapper or sharding."""
+    numel = nbytes = 0
+    for state in innermost(optimizer).state.values():
+        for value in state.values():
+            if torch.is_tensor(value) and value.ndim > 0:  # skip scalar step counters
+                value = value.to_local() if hasattr(value, "to_local") else value
+                numel += value.numel()
+                nbytes += value.numel() * value.element_size()
+    return numel, nbytes
+
+
+def optimizer_stats(optimizer) -> dict:
+    """This rank's optimizer state, under any wrapper or sharding."""
+    numel, nbytes = optimizer_state_size(optimizer)
+    return {"optim_state_numel": numel, "optim_state_mb": round(nbytes / 2**20, 4)}
+
+
+def compute_dtype_probe(model) -> dict:
+    """{"compute_dtype": ...}, filled by the next forward pass with the dtype the first linear layer
+    really computes in (autocast, DeepSpeed or FSDP mixed precision decide it, not the weights)."""
+    seen: dict = {}
+    layer = next(m for m in model.modules() if isinstance(m, torch.nn.Linear))
+
+    def record(module, inputs, output):
+        seen["compute_dtype"] = str(output.dtype).removeprefix("torch.")
+        handle.remove()
+
+    handle = layer.register_forward_hook(record)
+    return seen
+
+
+def versions() -> dict:
+    names = ("toolkit", "torch", "accelerate", "transformers", "datasets", "deepspeed", "peft", "bitsandbytes")
+    found = {}
+    for name in names:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return found

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import argparse
 import math
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from . import config as config_lib
 from .config import RunConfig, UserError, run_cli
@@ -56,13 +58,14 @@ def main(argv=None) -> None:
 def run(cfg: RunConfig, accelerator, stop) -> None:
     from accelerate.utils import set_seed
 
-    from . import checkpoint, data, job, strategy, telemetry
+    from . import checkpoint, cpu as cpu_lib, data, export, job, strategy, telemetry
     from .loss import fuse_head_and_loss
     from .model import apply_lora, build_model, build_tokenizer, initialize_weights, is_preset, model_config
     from .optim import build_optimizer, build_scheduler
 
     out = Path(cfg.output_dir)
-    cpu = {**strategy.use_cpu_share(cfg.train.cpu_threads), **strategy.tune_cpu_allocator(accelerator)}
+    cpu = {**cpu_lib.use_cpu_share(cfg.train.cpu_threads),
+           **cpu_lib.tune_cpu_allocator(strategy.shards_parameters(accelerator))}
     state = {"step": 0, "epoch": 0, "batch": 0, "tokens": 0}
     resume_from = checkpoint.find_resume(cfg.resume, out)
     if resume_from is not None:  # refuse a checkpoint that would train something else before any work
@@ -105,16 +108,17 @@ def run(cfg: RunConfig, accelerator, stop) -> None:
     strategy.register_comm_hook(model, cfg)  # DDP: ddp.comm_hook
     cfg.runtime = strategy.verify(accelerator, model, optimizer, cfg)  # stop here if not what was asked
     cfg.runtime.update(**cpu, max_steps=max_steps, data_format=fmt, activation_checkpointing=checkpointing,
-                       trainable_params=strategy.trainable_numel(model))
+                       trainable_params=telemetry.trainable_numel(model))
     # What MFU is computed from: the model's FLOPs per token and this device's peak.
-    cfg.runtime.update(**telemetry.model_flops(accelerator.unwrap_model(model)),
-                       **telemetry.peak_flops(accelerator, cfg, cfg.runtime["mixed_precision"]))
+    flops = {**telemetry.model_flops(accelerator.unwrap_model(model)),
+             **telemetry.peak_flops(accelerator, cfg, cfg.runtime["mixed_precision"])}
+    cfg.runtime.update(flops)
 
     if resume_from is not None:
         checkpoint.resume(accelerator, resume_from)  # all ranks
         accelerator.print(f"resumed from {resume_from} at step {state['step']}")
     if cpu:
-        strategy.release_freed_memory()
+        cpu_lib.release_freed_memory()
     memory.mark("prepared")
     cfg.runtime["memory_at_start_gb"] = memory.per_rank(accelerator)  # all ranks
     with job.stop_together(accelerator):
@@ -125,18 +129,30 @@ def run(cfg: RunConfig, accelerator, stop) -> None:
             config_lib.save(cfg, out / "config.yaml")
             telemetry.trim_metrics(out / "metrics.jsonl", state["step"])  # steps after the checkpoint are redone
 
-    finished = train(cfg, accelerator, model, optimizer, scheduler, train_loader, eval_loader, state, max_steps,
-                     stop, resume_from, tokenizer=tokenizer)
+    prepared = Prepared(model, optimizer, scheduler, train_loader, eval_loader, tokenizer, max_steps, flops)
+    finished = train(cfg, accelerator, prepared, state, stop, resume_from)
     if finished:
-        checkpoint.export(accelerator, model, tokenizer, out / "final", merge_lora=cfg.lora.merge,  # all ranks
-                          dtype=cfg.checkpoint.export_dtype)
+        export.export_model(accelerator, model, tokenizer, out / "final", merge_lora=cfg.lora.merge,  # all ranks
+                            dtype=cfg.checkpoint.export_dtype)
         accelerator.print(f"saved {out / 'final'}")
     accelerator.wait_for_everyone()
     accelerator.end_training()
 
 
-def train(cfg: RunConfig, accelerator, model, optimizer, scheduler, train_loader, eval_loader,
-          state: dict, max_steps: int, stop, resumed_from: Path | None = None, tokenizer=None) -> bool:
+@dataclass
+class Prepared:
+    """What the loop trains with: built by `run` and passed through `accelerator.prepare`."""
+    model: Any
+    optimizer: Any
+    scheduler: Any
+    train_loader: Any
+    eval_loader: Any
+    tokenizer: Any
+    max_steps: int
+    flops: dict  # what MFU is computed from (telemetry.model_flops and peak_flops)
+
+
+def train(cfg: RunConfig, accelerator, prepared: Prepared, state: dict, stop, resumed_from: Path | None = None) -> bool:
     """THE loop. One optimizer step = `grad_accum_steps` micro-batches on every rank. Returns
     False when a signal stopped it early (after saving a checkpoint to resume from).
 
@@ -144,18 +160,19 @@ def train(cfg: RunConfig, accelerator, model, optimizer, scheduler, train_loader
     the loss scaler's verdict): on a GPU the CPU queues the next step while this one computes."""
     import torch
 
-    from . import checkpoint, strategy
+    from . import checkpoint
     from .guard import StepGuard
-    from .telemetry import Telemetry
+    from .telemetry import Telemetry, compute_dtype_probe, optimizer_stats
 
-    telemetry = Telemetry(accelerator, cfg, max_steps, start_step=state["step"])
+    model, optimizer, scheduler, max_steps = prepared.model, prepared.optimizer, prepared.scheduler, prepared.max_steps
+    telemetry = Telemetry(accelerator, cfg, max_steps, prepared.flops, start_step=state["step"])
     guard = StepGuard(accelerator, optimizer, cfg.train.min_loss_scale)
-    batches = micro_batches(accelerator, train_loader, state)
+    batches = micro_batches(accelerator, prepared.train_loader, state)
     last_saved = resumed_from
     tokens = torch.zeros((), dtype=torch.int64, device=accelerator.device)  # trained on since the last read
-    compute_dtype = strategy.compute_dtype_probe(model)
+    compute_dtype = compute_dtype_probe(model)
     if cfg.eval.every and state["step"] == 0:  # the baseline that fine-tuning is measured against
-        run_evaluation(cfg, accelerator, model, eval_loader, telemetry, step=0)
+        run_evaluation(cfg, accelerator, model, prepared.eval_loader, telemetry, step=0)
     model.train()
     while state["step"] < max_steps:
         telemetry.step_begins()
@@ -203,19 +220,19 @@ def train(cfg: RunConfig, accelerator, model, optimizer, scheduler, train_loader
             if logging:
                 telemetry.log({"step": step, "loss": step_loss.item(), "lr": lr, "grad_norm": _item(grad_norm),
                                "tokens": state["tokens"], "epoch": state["epoch"], **compute_dtype,
-                               **strategy.optimizer_stats(optimizer), **telemetry.throughput(),
+                               **optimizer_stats(optimizer), **telemetry.throughput(),
                                **telemetry.communication(), **guard.scale_record(),
                                **({"skipped": True} if health["skipped"] else {})})
             if health["bad_in_a_row"] >= cfg.train.max_bad_steps:
                 telemetry.close()
                 raise UserError(diverged(step, health, guard, last_saved))
         if (cfg.eval.every and step % cfg.eval.every == 0) or step == max_steps:
-            run_evaluation(cfg, accelerator, model, eval_loader, telemetry, step)
+            run_evaluation(cfg, accelerator, model, prepared.eval_loader, telemetry, step)
             model.train()
         # Never checkpoint right after a bad step: the last checkpoint must stay a good one.
         if saving and health["healthy"]:
             last_saved = checkpoint.save(accelerator, cfg, dict(state), keep=resumed_from,  # all ranks
-                                         tokenizer=tokenizer)
+                                         tokenizer=prepared.tokenizer)
             telemetry.log({"step": step, "checkpoint": str(last_saved)})
         if preempted:
             accelerator.print(f"stopped by signal after step {step}; resume=auto continues from {last_saved}")

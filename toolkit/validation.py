@@ -16,7 +16,6 @@ import torch
 
 METRIC_DIR = Path(__file__).parent / "metrics" / "language_modeling"
 STAT_FIELDS = ("nll", "tokens", "correct", "n_bytes", "documents")
-COLUMNS = ("loss", "perplexity", "bits_per_byte", "accuracy", "tokens", "documents")
 
 
 def load_metric():

@@ -1,0 +1,183 @@
+"""The strategy `accelerate launch` asked for, made to run and checked: the entry points the run
+calls, whatever the engine. The engines' own parts live beside this module: ddp.py, fsdp.py and
+zero.py (DeepSpeed); the library internals they patch, in toolkit/patches.py.
+
+`accelerate launch --config_file X.yaml` tells each process, through environment variables, which
+strategy was asked for. `make_accelerator` builds an Accelerator that really runs it, also on a
+machine without a GPU, where accelerate alone silently falls back (docs/strategies.md);
+`verify` checks after `prepare` that what runs is what was asked, and records it.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import torch
+from accelerate import Accelerator, DataLoaderConfiguration, PartialState
+from accelerate.utils import DistributedType, GradientAccumulationPlugin, InitProcessGroupKwargs
+
+from .. import job, patches, telemetry
+from ..config import RunConfig, UserError
+from ..launch import Requested
+from ..optim import EIGHT_BIT, import_bitsandbytes
+from . import ddp, fsdp, zero
+
+
+def make_accelerator(cfg: RunConfig) -> Accelerator:
+    requested = Requested.from_env()
+    requested.refuse_model_parallelism()
+    ddp_kwargs = ddp.ddp_kwargs(cfg, requested.kind)  # refuses ddp.* keys where DDP does not run, before any group
+    on_cpu = not torch.cuda.is_available()
+    # A dead or stalled rank ends every collective after this long, instead of torch's 30 minutes.
+    timeout = timedelta(seconds=cfg.train.collective_timeout)
+    job.wait_for_peers_at_most(timeout)  # the job's own votes among ranks, too
+    common = dict(
+        gradient_accumulation_plugin=GradientAccumulationPlugin(
+            num_steps=cfg.train.grad_accum_steps, sync_with_dataloader=False),  # the loop owns step windows
+        # Seeded per-epoch shuffling that is identical on every rank and after a resume.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        step_scheduler_with_optimizer=False,  # the loop steps the scheduler once per optimizer step
+        log_with=telemetry.trackers(cfg.train.report_to, cfg.output_dir),  # started by Telemetry
+        project_dir=cfg.output_dir,
+    )
+    if requested.kind == "deepspeed":
+        # DeepSpeed picks its CPU accelerator by itself; it only needs a backend that exists here.
+        handlers = [InitProcessGroupKwargs(backend="gloo" if on_cpu else None, timeout=timeout)]
+        accelerator = Accelerator(kwargs_handlers=handlers, **common)
+        plugin = accelerator.state.deepspeed_plugin
+        zero.fill_config(plugin, cfg, accelerator.num_processes)
+        # accelerate handed transformers (whose zero.Init partitions the model as it is built) a copy of
+        # the JSON when the Accelerator was made, "auto" still unfilled: without the filled one, ZeRO-3's
+        # NVMe parameter swap files went to ./none (accelerate's placeholder) instead of output_dir.
+        plugin.set_deepspeed_weakref()
+        patches.share_zero3_fp32_partitions()
+        zero.check_fp16(plugin)
+    elif on_cpu and requested.world_size > 1:
+        # Without CUDA, a MULTI_GPU/FSDP config makes each process believe it is alone. Start the
+        # gloo process group as MULTI_CPU first (and, for FSDP, make accelerate see FSDP).
+        PartialState(cpu=True, timeout=timeout)
+        if requested.kind == "fsdp":
+            patches.run_fsdp_on_cpu()
+        accelerator = Accelerator(cpu=True, kwargs_handlers=[ddp_kwargs], **common)
+    else:
+        accelerator = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(timeout=timeout), ddp_kwargs], **common)
+
+    if accelerator.distributed_type == DistributedType.FSDP:
+        fsdp.adapt(accelerator.state.fsdp_plugin, on_cpu)
+    patches.enable_cpu_fp16(accelerator)
+    return accelerator
+
+
+def shards_parameters(accelerator) -> bool:
+    if accelerator.distributed_type == DistributedType.FSDP:
+        return True
+    return (accelerator.distributed_type == DistributedType.DEEPSPEED
+            and accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {}).get("stage") == 3)
+
+
+def register_comm_hook(model, cfg: RunConfig) -> None:
+    """After `prepare`: how DDP's gradients travel (ddp.comm_hook); nothing under other strategies."""
+    ddp.register_comm_hook(model, cfg)
+
+
+def check_optimizer(accelerator: Accelerator, cfg: RunConfig) -> None:
+    """Right after `make_accelerator`, before any work: refuse an optimizer the strategy cannot run
+    (or would silently replace), with what to use instead."""
+    name = cfg.optim.name
+    if name in EIGHT_BIT:
+        import_bitsandbytes(name)
+    running = accelerator.distributed_type
+    if running == DistributedType.DEEPSPEED:
+        zero.check_optimizer(accelerator, cfg)
+    elif name == "deepspeed":
+        raise UserError(f"optim.name=deepspeed is the optimizer a DeepSpeed JSON defines, but this launch runs "
+                        f"{running.value}, not DeepSpeed: launch with a DeepSpeed accelerate config whose JSON has "
+                        'an "optimizer" section, or use optim.name=adamw')
+    elif name in EIGHT_BIT and running == DistributedType.FSDP:
+        raise UserError(f"optim.name={name} cannot update FSDP2's sharded parameters (bitsandbytes fails with "
+                        "'got mixed torch.Tensor and DTensor'): use optim.name=adamw with FSDP, or a DeepSpeed "
+                        "config without optimizer offload (accelerate_configs/zero2.yaml) for 8-bit states")
+
+
+def checkpoint_layout(accelerator: Accelerator) -> str:
+    """The layout `save_state` writes under this strategy (see checkpoint.layout)."""
+    return {DistributedType.DEEPSPEED: "deepspeed", DistributedType.FSDP: "fsdp"}.get(accelerator.distributed_type,
+                                                                                      "full")
+
+
+def master_state_dict(accelerator: Accelerator, model) -> dict:
+    """All ranks: the trained weights as the optimizer holds them (fp32 masters), whole, on the main
+    process; named as the unwrapped model names them. No rank holds the whole model but the main.
+    (accelerate's `get_state_dict` gathers ZeRO-3 / FSDP shards; DeepSpeed's masters: zero.py.)"""
+    state_dict = accelerator.get_state_dict(model)
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return zero.master_weights(accelerator, model, state_dict)
+    return state_dict
+
+
+def shard_before_optimizer(accelerator: Accelerator, model):
+    """FSDP: shard the model now, so the optimizer is built on the shards (fsdp.py); others: as is."""
+    if accelerator.distributed_type != DistributedType.FSDP:
+        return model
+    return fsdp.shard_before_optimizer(accelerator, model)
+
+
+def init_device(accelerator: Accelerator) -> torch.device:
+    """Where a preset's parameters are materialised: the device, or the CPU under FSDP offload."""
+    if accelerator.distributed_type == DistributedType.FSDP:
+        return fsdp.init_device(accelerator.state.fsdp_plugin) or accelerator.device
+    return accelerator.device
+
+
+def json_scheduler(accelerator: Accelerator) -> bool:
+    """Whether a DeepSpeed JSON defines the LR schedule (a "scheduler" section; optim.name=deepspeed only)."""
+    return (accelerator.distributed_type == DistributedType.DEEPSPEED
+            and zero.json_scheduler(accelerator.state.deepspeed_plugin))
+
+
+def enable_activation_checkpointing(accelerator: Accelerator, model) -> str:
+    """Recompute each decoder layer's activations in backward; returns the mechanism used.
+
+    Under FSDP, accelerate wraps every OPTDecoderLayer in torch's checkpoint wrapper before
+    sharding it (call before `prepare`), so recomputation happens inside the layer's all-gather;
+    elsewhere transformers' own (non-reentrant, which also works with frozen LoRA base weights)."""
+    if accelerator.distributed_type == DistributedType.FSDP:
+        accelerator.state.fsdp_plugin.activation_checkpointing = True
+        return "fsdp"
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    return "transformers"
+
+
+def verify(accelerator: Accelerator, model, optimizer, cfg: RunConfig) -> dict:
+    """After `prepare`: stop unless the requested strategy is the one running; return what runs."""
+    requested = Requested.from_env()
+    running = accelerator.distributed_type
+
+    def fail(what: str):
+        raise UserError(f"asked for {requested.kind} on {requested.world_size} processes but {what}; "
+                        "the run would silently train something else, so it stops (check the accelerate config "
+                        "and that every process was started)")
+
+    if accelerator.num_processes != requested.world_size:
+        fail(f"{accelerator.num_processes} process(es) joined")
+    local, full = telemetry.sharded_numel(model)
+    info: dict = {"num_processes": accelerator.num_processes, "distributed_type": str(running.value),
+                  "device": accelerator.device.type, "params_local_numel": local, "params_numel": full}
+    if requested.kind == "deepspeed":
+        info.update(zero.verify(accelerator, model, requested, fail))
+    elif requested.kind == "fsdp":
+        info.update(fsdp.verify(accelerator, model, requested, fail))
+    elif requested.kind == "ddp":
+        if not isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            fail(f"accelerate runs {running.value} without DistributedDataParallel")
+        info["grad_reduce_dtype"] = str(ddp.grad_reduce_dtype(model, cfg)).removeprefix("torch.")
+    else:
+        info["grad_reduce_dtype"] = "none"  # one process: nothing is reduced
+    if "mixed_precision" not in info:
+        info["mixed_precision"] = accelerator.mixed_precision
+        if accelerator.mixed_precision != "no" and not accelerator.native_amp:
+            fail(f"{accelerator.mixed_precision} autocast is off")
+    info.update(micro_batch_size=cfg.train.micro_batch_size, grad_accum_steps=cfg.train.grad_accum_steps,
+                global_batch_size=cfg.train.global_batch_size(accelerator.num_processes),
+                optimizer=type(telemetry.innermost(optimizer)).__name__, versions=telemetry.versions())
+    return info

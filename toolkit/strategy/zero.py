@@ -1,0 +1,175 @@
+"""DeepSpeed ZeRO: the JSON's "auto" fields from the run config, which optimizers it runs as
+asked, its fp32 master weights, and what `verify` checks of the engine."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from ..config import RunConfig, UserError
+from ..optim import EIGHT_BIT
+
+MIN_AIO_BYTES = 2**20  # deepspeed.runtime.swap_tensor.utils.MIN_AIO_BYTES
+# Keys of a DeepSpeed JSON that the run config owns; "auto" (or absent) in the JSON takes the run's value.
+RUN_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size",
+                      "gradient_clipping")
+# optim.* keys a DeepSpeed "optimizer" section may leave "auto" (accelerate fills only lr and weight_decay).
+OPTIM_KEYS = {"lr": "lr", "weight_decay": "weight_decay", "betas": ("beta1", "beta2"), "eps": "eps"}
+
+
+def fill_config(plugin, cfg: RunConfig, num_processes: int) -> None:
+    """One run config drives every strategy: batch, accumulation and clipping come from it.
+
+    accelerate would fill "auto" clipping with 1.0 whatever the run says, and quietly prefer a
+    DeepSpeed JSON's accumulation steps over the run's; a JSON that disagrees is an error here."""
+    ds = plugin.deepspeed_config
+    run = {
+        "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
+        "gradient_accumulation_steps": cfg.train.grad_accum_steps,
+        "train_batch_size": cfg.train.global_batch_size(num_processes),
+        "gradient_clipping": cfg.optim.max_grad_norm,
+    }
+    path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
+    written = json.loads(Path(path).read_text()) if path != "none" else {}  # as the user wrote it
+    for key in RUN_KEYS:
+        value = written.get(key, "auto")
+        if value != "auto" and value != run[key]:
+            raise UserError(f"{path} sets {key}={value} but the run config implies {run[key]}: "
+                            f'set "{key}": "auto" there so the run config decides')
+        ds[key] = run[key]
+    if "fp16" in ds:  # the loss scale's floor, below which an overflow is a bad step (guard.py)
+        floor = (written.get("fp16") or {}).get("min_loss_scale", "auto")
+        if floor != "auto" and float(floor) != cfg.train.min_loss_scale:
+            raise UserError(f"{path} sets fp16.min_loss_scale={floor} but the run config has "
+                            f'train.min_loss_scale={cfg.train.min_loss_scale:g}: set "min_loss_scale": "auto" there '
+                            "so the run config decides")
+        ds["fp16"]["min_loss_scale"] = cfg.train.min_loss_scale
+    zero = ds.setdefault("zero_optimization", {})
+    if zero.get("stage") == 3:
+        # ZeRO-3 keeps gathered parameters for later use and prefetch up to these counts (DeepSpeed's
+        # default 1e9 is the whole of a model below 1B: a rank would hold its shard plus nearly
+        # the whole model). "auto": two decoder layers, the one at work and the next one fetched.
+        from ..model import layer_numel
+
+        for key in ("stage3_max_live_parameters", "stage3_max_reuse_distance"):
+            if zero.get(key) == "auto":
+                zero[key] = 2 * layer_numel(cfg.model)
+    # Exporting a consolidated model under ZeRO-3 needs the weights gathered on save.
+    zero["stage3_gather_16bit_weights_on_model_save"] = True
+    for offload in ("offload_param", "offload_optimizer"):
+        section = zero.get(offload) or {}
+        if section.get("device") == "nvme" and section.get("nvme_path") in (None, "auto", "none"):
+            # Swap files belong to the run; DeepSpeed needs the folder to exist.
+            section["nvme_path"] = str((Path(cfg.output_dir) / "nvme_offload").resolve())
+            Path(section["nvme_path"]).mkdir(parents=True, exist_ok=True)
+
+
+def check_fp16(plugin) -> None:
+    from deepspeed.accelerator import get_accelerator
+
+    if plugin.deepspeed_config.get("fp16", {}).get("enabled") is True and not get_accelerator().is_fp16_supported():
+        raise UserError(f"DeepSpeed's {get_accelerator().device_name()} accelerator has no fp16: launch with "
+                        "--mixed_precision bf16 (or no), or use fsdp/ddp for fp16 here")
+
+
+def check_optimizer(accelerator, cfg: RunConfig) -> None:
+    """An optimizer DeepSpeed would not run as asked (see strategy.check_optimizer). For
+    `optim.name=deepspeed`, the JSON's "auto" optimizer parameters take the run config's values."""
+    name = cfg.optim.name
+    ds = accelerator.state.deepspeed_plugin.deepspeed_config
+    source = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
+    source = "the DeepSpeed config" if source == "none" else source
+    offload = (ds.get("zero_optimization", {}).get("offload_optimizer") or {}).get("device") or "none"
+    if name != "deepspeed":
+        for section in ("optimizer", "scheduler"):
+            if section in ds:  # accelerate's own error here names neither the cause nor optim.name
+                raise UserError(f'{source} has its own "{section}" section, which DeepSpeed only runs with its own '
+                                f"optimizer, not the run's optim.name={name}: set optim.name=deepspeed to use it, or "
+                                f'remove "{section}" from the JSON')
+        if name in EIGHT_BIT and offload != "none":
+            raise UserError(f"optim.name={name} cannot run with DeepSpeed optimizer offload ({offload}): DeepSpeed "
+                            "steps an offloaded optimizer itself and accelerate would swap in DeepSpeedCPUAdam: use "
+                            "optim.name=adamw with this config (it runs DeepSpeedCPUAdam), or a config without "
+                            "offload (accelerate_configs/zero2.yaml) for 8-bit states")
+        return
+    if "optimizer" not in ds:
+        raise UserError(f'optim.name=deepspeed needs an "optimizer" section in {source}, which has none: add one, '
+                        'e.g. "optimizer": {"type": "AdamW", "params": {"lr": "auto"}}, or use optim.name=adamw')
+    params = ds["optimizer"].setdefault("params", {})
+    for key, ours in OPTIM_KEYS.items():
+        run = [getattr(cfg.optim, k) for k in ours] if isinstance(ours, tuple) else getattr(cfg.optim, ours)
+        value = params.get(key, "auto")
+        if value == "auto":
+            params[key] = run
+        elif (list(value) if isinstance(value, (list, tuple)) else value) != run:
+            keys = "/".join(f"optim.{k}" for k in ours) if isinstance(ours, tuple) else f"optim.{ours}"
+            raise UserError(f'{source} sets optimizer.params.{key}={value} but the run config has {keys}={run}: '
+                            f'set "{key}": "auto" there so the run config decides')
+
+
+def master_weights(accelerator, model, state_dict: dict) -> dict:
+    """Under bf16/fp16 `accelerator.get_state_dict` gives the engine's 16-bit working copies; the
+    fp32 masters sit in ZeRO's flat optimizer partitions: gathered here one parameter at a time
+    into `state_dict`, on the main process. All ranks."""
+    unwrapped = accelerator.unwrap_model(model)
+    if all(p.dtype == torch.float32 for p in unwrapped.parameters()):
+        return state_dict
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    for name, param in unwrapped.named_parameters():
+        master = safe_get_full_fp32_param(param)  # all ranks (an all-gather); None for frozen weights
+        if master is not None and accelerator.is_main_process:
+            state_dict[name] = master.cpu()
+    return state_dict
+
+
+def json_scheduler(plugin) -> bool:
+    """Whether a DeepSpeed JSON defines the LR schedule (a "scheduler" section; optim.name=deepspeed only)."""
+    return "scheduler" in plugin.deepspeed_config
+
+
+def verify(accelerator, model, requested, fail) -> dict:
+    """After `prepare`: a DeepSpeed engine runs the ZeRO stage asked for, sharded where it should be;
+    what runs."""
+    import deepspeed
+    from accelerate.utils import DistributedType
+
+    from .. import telemetry
+
+    running = accelerator.distributed_type
+    if running != DistributedType.DEEPSPEED or not isinstance(model, deepspeed.DeepSpeedEngine):
+        fail(f"accelerate runs {running.value} without a DeepSpeed engine")
+    local, full = telemetry.sharded_numel(model)
+    stage = model.zero_optimization_stage()
+    wanted_stage = accelerator.state.deepspeed_plugin.deepspeed_config["zero_optimization"].get("stage", 0)
+    if stage != wanted_stage:
+        fail(f"DeepSpeed runs ZeRO stage {stage}, not {wanted_stage}")
+    if stage == 3 and requested.world_size > 1 and local >= full:
+        fail(f"ZeRO-3 left the parameters unsharded ({local} of {full} elements on this rank)")
+    if _offload_device(model.zero_offload_optimizer()) == "nvme" and local * 4 < MIN_AIO_BYTES:
+        # DeepSpeed keeps optimizer partitions under 1 MiB in memory and then cannot restore
+        # them from a checkpoint: NVMe offload would be neither real nor resumable.
+        raise UserError(f"NVMe optimizer offload needs at least {MIN_AIO_BYTES} bytes of fp32 state per rank; "
+                        f"this model has {local * 4}: use accelerate_configs/zero3_offload.yaml for a model this small")
+    info = {}
+    if stage == 3 and _offload_device(model.zero_offload_optimizer()) == "none":
+        info["zero3_fp32_masters"] = "the parameters" if masters_are_parameters(model.optimizer) else "a copy"
+    info.update(zero_stage=stage, grad_reduce_dtype=str(model.communication_data_type).removeprefix("torch."),
+                offload_optimizer=_offload_device(model.zero_offload_optimizer()),
+                offload_param=_offload_device(model.zero_offload_param()),
+                mixed_precision="bf16" if model.bfloat16_enabled() else "fp16" if model.fp16_enabled() else "no")
+    return info
+
+
+def masters_are_parameters(zero3_optimizer) -> bool:
+    """Whether ZeRO-3 updates the fp32 parameter partitions in place (see share_zero3_fp32_partitions)."""
+    return all(master.data_ptr() == param.data_ptr() for master, param in
+               zip(zero3_optimizer.fp32_partitioned_groups_flat, zero3_optimizer.fp16_partitioned_groups_flat))
+
+
+def _offload_device(offload_config) -> str:
+    device = getattr(offload_config, "device", None)
+    return str(getattr(device, "value", device) or "none")
