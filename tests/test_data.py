@@ -30,11 +30,13 @@ def test_preset_tokenizer_follows_opt_conventions(tokenizer, tokenizer_dir):
 
 
 def test_packing_concatenates_documents_into_full_blocks(tokenizer):
-    docs = datasets.Dataset.from_dict({"text": ["a b c d e f g", "h i j k", "l m n o p q r s t"]})
-    blocks = data.tokenize_for_training(docs, tokenizer, DataConfig(train="x", block_size=5), "text")
+    """2500 documents: more than one batch of datasets' `map` (1000), whose tails must not be lost."""
+    words = "a b c d e f g h i j k l m n o p q r s t".split()
+    docs = datasets.Dataset.from_dict({"text": [" ".join(words[: 3 + i % 7]) for i in range(2500)]})
+    blocks = data.tokenize_for_training(docs, tokenizer, DataConfig(train="x", block_size=64), "text")
     stream = [t for d in docs["text"] for t in tokenizer(d)["input_ids"]]
-    assert all(len(b) == 5 for b in blocks["input_ids"])
-    assert [t for b in blocks["input_ids"] for t in b] == stream[: len(stream) // 5 * 5]
+    assert all(len(b) == 64 for b in blocks["input_ids"])
+    assert [t for b in blocks["input_ids"] for t in b] == stream[: len(stream) // 64 * 64]
 
 
 def test_sft_masks_the_prompt_and_ends_with_eos(tokenizer):
@@ -120,12 +122,13 @@ def test_the_preprocessing_cache_is_reused_until_the_toolkit_code_changes(tokeni
     """datasets names a cache by a module-level function's name, not its code: without the module's
     own hash in the fingerprint, a toolkit whose tokenizing or packing changed would reuse old caches."""
     path = tmp_path / "docs.jsonl"
-    path.write_text("".join(json.dumps({"text": f"the quick brown fox {i} jumps"}) + "\n" for i in range(50)))
-    cfg = DataConfig(train=str(path), block_size=8, eval_fraction=0.1)
+    path.write_text("".join(json.dumps({"prompt": f"the quick brown fox {i}", "response": " jumps"}) + "\n"
+                            for i in range(50)))
+    cfg = DataConfig(train=str(path), block_size=16, eval_fraction=0.1)
 
     def blocks():
         raw, _ = data.load_raw(cfg, 42)
-        out = data.tokenize_for_training(raw, tokenizer, cfg, "text")
+        out = data.tokenize_for_training(raw, tokenizer, cfg, "sft")
         return out._fingerprint, [f["filename"] for f in out.cache_files]
 
     first = blocks()
