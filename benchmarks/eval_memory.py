@@ -31,7 +31,7 @@ def measure(phase: str, preset: str, seq: int, eval_batch: int) -> dict:
     from toolkit.model import preset_model
     from toolkit.optim import build_optimizer
     from toolkit.cpu import use_cpu_share
-    from toolkit.telemetry import memory_now_gb, peak_memory_gb, reset_peak_memory
+    from toolkit.measure import memory_now_gb, peak_memory_gb, reset_peak_memory
     from toolkit.validation import evaluate_model
 
     use_cpu_share()

@@ -3,7 +3,7 @@
     python benchmarks/memory.py [--preset random-opt-125m] [--batch 2] [--seq 256]
 
 - optimizer state: bytes held by AdamW vs bitsandbytes 8-bit AdamW after one step
-  (toolkit.telemetry.optimizer_state_size, the number training logs as optim_state_mb);
+  (toolkit.measure.optimizer_state_size, the number training logs as optim_state_mb);
 - activations: bytes autograd saves for backward in one forward, with and without activation
   checkpointing, counted exactly with saved-tensor hooks (not a noisy allocator peak).
 Writes a markdown table to stdout; results are kept in benchmarks/RESULTS.md.
@@ -17,7 +17,7 @@ import torch
 from toolkit.config import OptimConfig
 from toolkit.model import preset_model
 from toolkit.optim import build_optimizer
-from toolkit.telemetry import optimizer_state_size
+from toolkit.measure import optimizer_state_size
 
 
 def build(preset: str):

@@ -206,7 +206,7 @@ class Bench:
     def mfu(self, one_process: dict) -> dict:
         import torch
 
-        from toolkit.telemetry import matmul_tflops
+        from toolkit.measure import matmul_tflops
 
         torch.set_num_threads(cores())
         peak = matmul_tflops(torch.device("cpu"), n=2048, seconds=5.0) * 1e12
@@ -246,7 +246,7 @@ class Bench:
 
         from toolkit.config import OptimConfig
         from toolkit.optim import build_optimizer
-        from toolkit.telemetry import optimizer_state_size
+        from toolkit.measure import optimizer_state_size
 
         state = {}
         ids = torch.randint(4, 50000, (1, 32))
@@ -353,15 +353,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer, shorter turns: a few minutes")
+def whole_run_args(argv, description: str, quick: str, section: str, prefix: str):
+    """The arguments of a benchmark that runs whole jobs (this one, scaling.py): (args, mode, work)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true", help=quick)
     parser.add_argument("--json", type=Path, help="write the results here")
-    parser.add_argument("--results", type=Path, help="markdown file whose speed section is rewritten (RESULTS.md)")
+    parser.add_argument("--results", type=Path, help=f"markdown file whose {section} section is rewritten (RESULTS.md)")
     parser.add_argument("--work", type=Path, help="scratch directory (default: a temporary one)")
     args = parser.parse_args(argv)
-    mode = "quick" if args.quick else "full"
-    work = args.work or Path(tempfile.mkdtemp(prefix="toolkit-bench-"))
+    work = args.work or Path(tempfile.mkdtemp(prefix=prefix))
+    work.mkdir(parents=True, exist_ok=True)
+    return args, "quick" if args.quick else "full", work
+
+
+def main(argv=None) -> None:
+    args, mode, work = whole_run_args(argv, __doc__.splitlines()[0], "fewer, shorter turns: a few minutes", "speed",
+                                      "toolkit-bench-")
     bench = Bench(mode, work)
     started = time.time()
     bench.prepare()

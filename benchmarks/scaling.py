@@ -21,19 +21,17 @@ cores, and the bytes per step are what carries over to a cluster.
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
-from run import Bench, machine  # noqa: E402  (the launcher every benchmark shares)
+from run import Bench, machine, whole_run_args  # noqa: E402  (the launcher every benchmark shares)
 
 MODES = {
     "quick": dict(shapes={"tiny-opt": 8}, processes=(1, 2)),
@@ -123,15 +121,8 @@ def run(mode: str, work: Path) -> list[dict]:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny-opt at 1 and 2 processes only")
-    parser.add_argument("--json", type=Path, help="write the results here")
-    parser.add_argument("--results", type=Path, help="markdown file whose scaling section is rewritten (RESULTS.md)")
-    parser.add_argument("--work", type=Path, help="scratch directory (default: a temporary one)")
-    args = parser.parse_args(argv)
-    mode = "quick" if args.quick else "full"
-    work = args.work or Path(tempfile.mkdtemp(prefix="toolkit-scaling-"))
-    work.mkdir(parents=True, exist_ok=True)
+    args, mode, work = whole_run_args(argv, __doc__.splitlines()[0], "tiny-opt at 1 and 2 processes only", "scaling",
+                                      "toolkit-scaling-")
     started = time.time()
     rows = run(mode, work)
     result = {"mode": mode, "rows": rows, "machine": machine(), "seconds": round(time.time() - started),

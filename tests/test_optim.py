@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from conftest import ACCELERATE_CONFIGS, ROOT, fake_accelerator, launch, metrics, runtime, tiny_opt, tiny_run
-from toolkit import strategy, telemetry
+from toolkit import measure, strategy
 from toolkit.config import OptimConfig, RunConfig, UserError
 from toolkit.optim import build_optimizer, build_scheduler, param_groups
 
@@ -28,7 +28,7 @@ def test_8bit_state_is_about_a_quarter_of_adamw():
         ids = torch.randint(0, 2048, (2, 16), generator=torch.Generator().manual_seed(0))
         model(input_ids=ids, labels=ids).loss.backward()
         optimizer.step()
-        sizes[name] = telemetry.optimizer_state_size(optimizer)[1]
+        sizes[name] = measure.optimizer_state_size(optimizer)[1]
     assert sizes["adamw"] == 2 * 4 * sum(p.numel() for p in model.parameters())  # exp_avg + exp_avg_sq, fp32
     assert sizes["adamw_8bit"] <= 0.3 * sizes["adamw"]
     assert sizes["paged_adamw_8bit"] == sizes["adamw_8bit"]  # paging is CUDA-only; the states are the same

@@ -10,7 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from conftest import fake_accelerator, tiny_opt
 from toolkit import cpu, loss as loss_lib
 from toolkit.data import IGNORE, Collator, _pack_examples
-from toolkit.telemetry import count_tokens
+from toolkit.measure import count_tokens
 
 
 def batch_with_ignored_labels() -> dict:

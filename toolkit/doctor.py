@@ -25,7 +25,7 @@ import torch.distributed as dist
 from .config import RunConfig, UserError, run_cli
 from .launch import Requested
 from .strategy import check_optimizer, make_accelerator, verify
-from .telemetry import versions
+from .measure import versions
 
 LOW_DISK_GIB = 10
 

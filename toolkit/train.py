@@ -58,7 +58,7 @@ def main(argv=None) -> None:
 def run(cfg: RunConfig, accelerator, stop) -> None:
     from accelerate.utils import set_seed
 
-    from . import checkpoint, cpu as cpu_lib, data, export, job, strategy, telemetry
+    from . import checkpoint, cpu as cpu_lib, data, export, job, measure, strategy, telemetry
     from .loss import fuse_head_and_loss
     from .model import apply_lora, build_model, build_tokenizer, initialize_weights, is_preset, model_config
     from .optim import build_optimizer, build_scheduler
@@ -83,7 +83,7 @@ def run(cfg: RunConfig, accelerator, stop) -> None:
         train_set = data.tokenize_for_training(raw_train, tokenizer, cfg.data, fmt)
         eval_set = data.tokenize_for_eval(raw_eval, tokenizer, cfg.data, fmt, max_length=max_positions)
 
-    memory = telemetry.MemoryAtStart()
+    memory = measure.MemoryAtStart()
     with job.stop_together(accelerator):
         model = build_model(cfg.model, tokenizer)  # all ranks at once: under ZeRO-3 building is collective
         # Evaluation always scores through the chunked head; training too, unless train.fused_loss=false.
@@ -108,10 +108,10 @@ def run(cfg: RunConfig, accelerator, stop) -> None:
     strategy.register_comm_hook(model, cfg)  # DDP: ddp.comm_hook
     cfg.runtime = strategy.verify(accelerator, model, optimizer, cfg)  # stop here if not what was asked
     cfg.runtime.update(**cpu, max_steps=max_steps, data_format=fmt, activation_checkpointing=checkpointing,
-                       trainable_params=telemetry.trainable_numel(model))
+                       trainable_params=measure.trainable_numel(model))
     # What MFU is computed from: the model's FLOPs per token and this device's peak.
-    flops = {**telemetry.model_flops(accelerator.unwrap_model(model)),
-             **telemetry.peak_flops(accelerator, cfg, cfg.runtime["mixed_precision"])}
+    flops = {**measure.model_flops(accelerator.unwrap_model(model)),
+             **measure.peak_flops(accelerator, cfg, cfg.runtime["mixed_precision"])}
     cfg.runtime.update(flops)
 
     if resume_from is not None:
@@ -149,7 +149,7 @@ class Prepared:
     eval_loader: Any
     tokenizer: Any
     max_steps: int
-    flops: dict  # what MFU is computed from (telemetry.model_flops and peak_flops)
+    flops: dict  # what MFU is computed from (measure.model_flops and peak_flops)
 
 
 def train(cfg: RunConfig, accelerator, prepared: Prepared, state: dict, stop, resumed_from: Path | None = None) -> bool:
@@ -162,7 +162,8 @@ def train(cfg: RunConfig, accelerator, prepared: Prepared, state: dict, stop, re
 
     from . import checkpoint
     from .guard import StepGuard
-    from .telemetry import Telemetry, compute_dtype_probe, optimizer_stats
+    from .measure import compute_dtype_probe, optimizer_stats
+    from .telemetry import Telemetry
 
     model, optimizer, scheduler, max_steps = prepared.model, prepared.optimizer, prepared.scheduler, prepared.max_steps
     telemetry = Telemetry(accelerator, cfg, max_steps, prepared.flops, start_step=state["step"])

@@ -16,7 +16,7 @@ import torch
 from accelerate import Accelerator, DataLoaderConfiguration, PartialState
 from accelerate.utils import DistributedType, GradientAccumulationPlugin, InitProcessGroupKwargs
 
-from .. import job, patches, telemetry
+from .. import job, measure, patches, telemetry
 from ..config import RunConfig, UserError
 from ..launch import Requested
 from ..optim import EIGHT_BIT, import_bitsandbytes
@@ -160,7 +160,7 @@ def verify(accelerator: Accelerator, model, optimizer, cfg: RunConfig) -> dict:
 
     if accelerator.num_processes != requested.world_size:
         fail(f"{accelerator.num_processes} process(es) joined")
-    local, full = telemetry.sharded_numel(model)
+    local, full = measure.sharded_numel(model)
     info: dict = {"num_processes": accelerator.num_processes, "distributed_type": str(running.value),
                   "device": accelerator.device.type, "params_local_numel": local, "params_numel": full}
     if requested.kind == "deepspeed":
@@ -179,5 +179,5 @@ def verify(accelerator: Accelerator, model, optimizer, cfg: RunConfig) -> dict:
             fail(f"{accelerator.mixed_precision} autocast is off")
     info.update(micro_batch_size=cfg.train.micro_batch_size, grad_accum_steps=cfg.train.grad_accum_steps,
                 global_batch_size=cfg.train.global_batch_size(accelerator.num_processes),
-                optimizer=type(telemetry.innermost(optimizer)).__name__, versions=telemetry.versions())
+                optimizer=type(measure.innermost(optimizer)).__name__, versions=measure.versions())
     return info

@@ -69,11 +69,11 @@ def verify(accelerator, model, requested, fail) -> dict:
     from accelerate.utils import DistributedType
     from torch.distributed.fsdp import CPUOffloadPolicy
 
-    from .. import telemetry
+    from .. import measure
 
     if accelerator.distributed_type != DistributedType.FSDP:
         fail(f"accelerate runs {accelerator.distributed_type.value}, not FSDP")
-    local, full = telemetry.sharded_numel(model)
+    local, full = measure.sharded_numel(model)
     if requested.world_size > 1 and local >= full:
         fail(f"FSDP left the parameters unsharded ({local} of {full} elements on this rank)")
     plugin = accelerator.state.fsdp_plugin

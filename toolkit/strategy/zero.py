@@ -137,12 +137,12 @@ def verify(accelerator, model, requested, fail) -> dict:
     import deepspeed
     from accelerate.utils import DistributedType
 
-    from .. import telemetry
+    from .. import measure
 
     running = accelerator.distributed_type
     if running != DistributedType.DEEPSPEED or not isinstance(model, deepspeed.DeepSpeedEngine):
         fail(f"accelerate runs {running.value} without a DeepSpeed engine")
-    local, full = telemetry.sharded_numel(model)
+    local, full = measure.sharded_numel(model)
     stage = model.zero_optimization_stage()
     wanted_stage = accelerator.state.deepspeed_plugin.deepspeed_config["zero_optimization"].get("stage", 0)
     if stage != wanted_stage:
