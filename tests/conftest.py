@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 import uuid
 from pathlib import Path
@@ -59,6 +60,22 @@ def fake_accelerator(**fields):
     base = dict(is_main_process=True, num_processes=1, device=torch.device("cpu"), distributed_type=DistributedType.NO,
                 save_state=lambda d: (Path(d) / "model.safetensors").write_text("w"), gather_for_metrics=lambda t: t)
     return SimpleNamespace(**{**base, **fields})
+
+
+def in_a_process_group_of_one(code: str) -> str:
+    """Run `code` in a fresh process that has started a gloo (DeepSpeed) process group of one rank,
+    so this test process never has one; returns what it printed."""
+    setup = f"""
+        import os
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="{free_port()}", RANK="0", WORLD_SIZE="1",
+                          LOCAL_RANK="0")
+        import deepspeed, torch
+        deepspeed.init_distributed(dist_backend="gloo")
+    """
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(setup) + textwrap.dedent(code)], cwd=ROOT,
+                          env=environment(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
 
 
 def tiny_run(data: Path, output_dir: Path, **overrides) -> list[str]:

@@ -5,6 +5,7 @@ import contextlib
 import pytest
 import torch
 
+from conftest import in_a_process_group_of_one
 from toolkit.config import ModelConfig
 from toolkit.model import build_model, initial_model, initialize_weights, train_bpe_tokenizer
 
@@ -42,13 +43,16 @@ def test_a_preset_is_built_without_values_and_initialised_by_seed_and_name(token
 
 def test_the_values_do_not_depend_on_who_holds_which_part(tokenizer):
     """As a sharding strategy does: each parameter handed out whole in a scratch tensor, of which
-    only one half (the 'shard') is kept. The kept halves equal the whole-model build's."""
+    only one half (the 'shard') is kept, while other work draws from torch's global generator in
+    between (dropout, another module's init). The kept halves equal the whole-model build's: the
+    values come from the seed and the parameter's name, not from any shared stream."""
     cfg = ModelConfig(name_or_path="tiny-opt")
     whole = initial_model(cfg, tokenizer, 7)
     shards = {}
 
     @contextlib.contextmanager
     def keep_first_half(param):
+        torch.rand(97)  # the global stream moves on between parameters
         scratch = torch.empty(param.shape)
         yield scratch
         shards[param] = scratch.flatten()[: param.numel() // 2].clone()
@@ -58,3 +62,38 @@ def test_the_values_do_not_depend_on_who_holds_which_part(tokenizer):
     kept = {name: shards[p] for name, p in sharded.named_parameters()}
     for name, p in whole.named_parameters():
         torch.testing.assert_close(kept[name], p.detach().flatten()[: p.numel() // 2], rtol=0, atol=0, msg=name)
+
+
+def test_fsdp_and_zero3_parameters_are_initialised_through_their_own_branches(tmp_path):
+    """model.whole_parameter's FSDP2 (DTensor: each rank slices its shard of the same whole) and
+    ZeRO-3 (GatheredParameters, rank 0 writes) branches, run for real in a process group of one:
+    the parameters equal the CPU build's. (Two ranks holding different shards: test_strategies.)"""
+    out = in_a_process_group_of_one(f"""
+        import deepspeed
+        from torch.distributed.fsdp import fully_shard
+        from toolkit.config import ModelConfig
+        from toolkit.model import build_model, initial_model, initialize_weights, train_bpe_tokenizer
+
+        tokenizer = train_bpe_tokenizer({TEXTS!r}, vocab_size=2048)
+        cfg = ModelConfig(name_or_path="tiny-opt")
+        reference = initial_model(cfg, tokenizer, 7).state_dict()
+        fsdp = build_model(cfg, tokenizer)
+        for layer in fsdp.model.decoder.layers:
+            fully_shard(layer)
+        fully_shard(fsdp)
+        initialize_weights(fsdp, 7, torch.device("cpu"))
+        assert all(type(p).__name__ == "DTensor" for p in fsdp.parameters())
+        print("fsdp equal:", all(torch.equal(p.full_tensor(), reference[n]) for n, p in fsdp.named_parameters()))
+        from transformers.integrations import HfDeepSpeedConfig
+
+        # as accelerate does under ZeRO-3: transformers then builds the model inside zero.Init
+        zero3_config = HfDeepSpeedConfig({{"train_micro_batch_size_per_gpu": 1, "zero_optimization": {{"stage": 3}}}})
+        zero3 = build_model(cfg, tokenizer)
+        initialize_weights(zero3, 7, torch.device("cpu"))
+        equal = []
+        for name, p in zero3.named_parameters():
+            with deepspeed.zero.GatheredParameters([p]):
+                equal.append(torch.equal(p.data, reference[name]))
+        print("zero3 equal:", hasattr(p, "ds_id") and all(equal))
+    """)
+    assert "fsdp equal: True" in out and "zero3 equal: True" in out

@@ -3,15 +3,12 @@ still behaves as the patch expects: a release inside pyproject's ranges that mov
 in the fast tier (`make test-latest` runs it against the newest releases), not in a user's run."""
 
 import inspect
-import subprocess
-import sys
-import textwrap
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from conftest import ROOT, environment, free_port
+from conftest import in_a_process_group_of_one
 from toolkit import patches
 
 
@@ -22,22 +19,6 @@ def fresh_accelerate_state():
     AcceleratorState._reset_state(True)
     yield
     AcceleratorState._reset_state(True)
-
-
-def in_a_process_group_of_one(code: str) -> str:
-    """Run `code` in a fresh process that has started a gloo (DeepSpeed) process group of one rank,
-    so this test process never has one; returns what it printed."""
-    setup = f"""
-        import os
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="{free_port()}", RANK="0", WORLD_SIZE="1",
-                          LOCAL_RANK="0")
-        import deepspeed, torch
-        deepspeed.init_distributed(dist_backend="gloo")
-    """
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(setup) + textwrap.dedent(code)], cwd=ROOT,
-                          env=environment(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc.stdout
 
 
 def test_accelerate_turns_on_fsdp_for_a_cpu_state_marked_multi_gpu(monkeypatch, fresh_accelerate_state):

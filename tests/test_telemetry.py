@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, environment, launch, metrics, runtime, tiny_opt, tiny_run
-from toolkit import config, telemetry
+from toolkit import config, measure, telemetry
 from toolkit.config import UserError
 
 NOISE = ("Failed to load CPU gemm_4bit_forward", "Removed shared tensor", "Setting accelerator to CPU",
@@ -54,7 +54,7 @@ def test_real_tokens_are_the_attention_mask_padded_ones_every_position():
 
     lengths = [3, 7, 1, 5]
     batch = Collator(pad_token_id=1)([{"input_ids": list(range(2, 2 + n))} for n in lengths])
-    real, padded = telemetry.count_tokens(batch)
+    real, padded = measure.count_tokens(batch)
     assert int(real) == sum(lengths) == int(batch["attention_mask"].sum())
     assert padded == len(lengths) * max(lengths)
 
@@ -67,27 +67,34 @@ def test_model_flops_full_and_lora():
     positions = model.model.decoder.embed_positions.weight.numel()
     everything = sum(p.numel() for p in model.parameters())  # lm_head is tied: counted once
     attention = 12 * 2 * 128  # layers x hidden
-    assert telemetry.model_flops(model) == {"flops_per_token": 6 * (everything - positions),
+    assert measure.model_flops(model) == {"flops_per_token": 6 * (everything - positions),
                                             "attention_flops_per_token_per_position": attention}
     lora = apply_lora(model, LoraConfig(enabled=True))
     adapters = sum(p.numel() for p in lora.parameters() if p.requires_grad)
     assert 0 < adapters < everything
-    assert telemetry.model_flops(lora)["flops_per_token"] == 6 * adapters + 4 * (everything - positions)
+    assert measure.model_flops(lora)["flops_per_token"] == 6 * adapters + 4 * (everything - positions)
 
 
 def test_gpu_peaks_by_name_and_precision():
-    assert telemetry.gpu_peak_tflops("NVIDIA A100-SXM4-80GB", half=True) == 312
-    assert telemetry.gpu_peak_tflops("NVIDIA H100 80GB HBM3", half=True) == 989
-    assert telemetry.gpu_peak_tflops("NVIDIA L4", half=False) == 30.3
-    assert telemetry.gpu_peak_tflops("NVIDIA L40S", half=True) is None  # not an L4
-    assert telemetry.gpu_peak_tflops("Tesla T4", half=True) == 65
+    assert measure.gpu_peak_tflops("NVIDIA A100-SXM4-80GB", half=True) == 312
+    assert measure.gpu_peak_tflops("NVIDIA H100 80GB HBM3", half=True) == 989
+    assert measure.gpu_peak_tflops("NVIDIA L4", half=False) == 30.3
+    assert measure.gpu_peak_tflops("NVIDIA L40S", half=True) is None  # not an L4
+    assert measure.gpu_peak_tflops("Tesla T4", half=True) == 65
 
 
-def test_cpu_probe_measures_a_plausible_peak():
+def test_cpu_probe_counts_2n3_flops_per_matmul_in_tflops(monkeypatch):
+    """The probe's arithmetic on a clock that ticks 1 ms per reading: each n x n matmul is 2n^3
+    FLOPs in 1 ms, so the rate is exact; a wrong FLOP count or unit is off by 2x to 1000x. (Real
+    rates depend on what else the machine does: the runs' MFU is checked against them below.)"""
+    import itertools
+
     import torch
 
-    tflops = telemetry.matmul_tflops(torch.device("cpu"), seconds=0.1)
-    assert 1e-4 < tflops < 50
+    ticks = itertools.count()
+    monkeypatch.setattr(measure.time, "perf_counter", lambda: next(ticks) * 1e-3)
+    n = 256
+    assert measure.matmul_tflops(torch.device("cpu"), n=n, seconds=0.01) == pytest.approx(2 * n**3 / 1e-3 / 1e12)
 
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="Linux only: peaks can't be reset elsewhere")
@@ -97,11 +104,11 @@ def test_cpu_peak_memory_counts_from_the_last_reset():
     wrapper), which no reset clears: here 800 MB, allocated before the exec."""
     measure = (
         "import torch\n"
-        "from toolkit import telemetry\n"
-        "telemetry.reset_peak_memory()\n"
-        "before = telemetry.memory_now_gb()\n"
+        "from toolkit import measure\n"
+        "measure.reset_peak_memory()\n"
+        "before = measure.memory_now_gb()\n"
         "small = torch.ones(50 * 2**20, dtype=torch.uint8)  # written, so resident\n"
-        "print(telemetry.peak_memory_gb() - before)\n")
+        "print(measure.peak_memory_gb() - before)\n")
     exec_after_800_mb = ("import os, sys\n"
                          "big = b'x' * (800 * 2**20)\n"
                          f"os.execv(sys.executable, [sys.executable, '-c', {measure!r}])\n")
@@ -223,9 +230,13 @@ def test_run_reports_tokens_mfu_summary_curves_and_tensorboard(one_process, spli
     # it is the sum of the training sequences' lengths.
     assert all(r["tokens_per_s"] < r["padded_tokens_per_s"] for r in train)
     assert sum(r["input_tokens"] for r in train) == epoch_tokens(out, split_sft[0])
-    assert all(0 < r["mfu"] <= 1 for r in train)
-    assert all(r["peak_mem_gb_max"] == r["peak_mem_gb"] > 0 for r in train)  # one process
     info = runtime(out)
+    for r in train:  # model FLOPs per token, x tokens per second, over the probe's peak
+        attention = info["attention_flops_per_token_per_position"] * 128  # at most one block of positions
+        low, high = ((info["flops_per_token"] + extra) * r["tokens_per_s"] / (info["peak_tflops"] * 1e12)
+                     for extra in (0, attention))
+        assert 0.998 * low <= r["mfu"] <= 1.002 * high, r  # (mfu keeps 4 significant digits)
+    assert all(r["peak_mem_gb_max"] == r["peak_mem_gb"] > 0 for r in train)  # one process
     assert info["peak_tflops"] > 0 and info["peak_tflops_source"].startswith("measured: ")
     assert info["flops_per_token"] > 0 and info["attention_flops_per_token_per_position"] == 12 * 2 * 128
 

@@ -18,8 +18,9 @@ from toolkit.config import UserError
 from toolkit.telemetry import trim_metrics
 
 # fp32 on CPU: the two runs differ only in summation order (two half-batch gradients averaged by
-# all-reduce vs one full batch), a few ulps per step that Adam carries forward; 1e-4 relative
-# over 12 steps is far below a wrong normalisation (which shifts the loss by percent).
+# all-reduce vs one full batch), a few ulps per step that Adam carries forward: 1e-4 relative over
+# 12 steps. (Packed text gives every micro-batch the same number of targets, so these runs can't
+# tell a token-weighted loss from a mean of means: the SFT accumulation test in test_features can.)
 RTOL = 1e-4
 
 
