@@ -13,7 +13,7 @@ TORCH_INDEX ?= $(if $(shell command -v nvidia-smi),,https://download.pytorch.org
 DEMO_DIR ?= runs/demo
 DEMO_ARGS ?=
 
-.PHONY: setup demo test test-fast
+.PHONY: setup demo test test-fast test-latest
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -40,3 +40,19 @@ test: setup
 # The fast tier: one process only (no 2-process launches), a few minutes.
 test-fast: setup
 	$(PY) -m pytest -q tests -m "not distributed"
+
+# The fast tier against the newest releases inside pyproject's ranges, as `pip install` gives them
+# to a user (no constraints.txt), in a venv of its own: tests/test_patches.py checks there that
+# every library internal the toolkit relies on is still in place.
+LATEST_VENV ?= .venv-latest
+test-latest: $(LATEST_VENV)/.installed
+	$(LATEST_VENV)/bin/python -m pip list 2>/dev/null | grep -iE "^(torch|accelerate|transformers|deepspeed|peft|bitsandbytes|datasets) "
+	$(LATEST_VENV)/bin/python -m pytest -q tests -m "not distributed"
+
+$(LATEST_VENV)/.installed: pyproject.toml
+	test -x $(LATEST_VENV)/bin/python || python3 -m venv $(LATEST_VENV)
+	$(LATEST_VENV)/bin/python -m pip install -q --upgrade pip
+	$(LATEST_VENV)/bin/python -c "import torch" 2>/dev/null || $(LATEST_VENV)/bin/python -m pip install -q --timeout 20 \
+		--retries 3 "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
+	PYTHONWARNINGS="ignore:Editable installation" $(LATEST_VENV)/bin/python -m pip install -q -e ".[dev]"
+	touch $@
