@@ -91,6 +91,7 @@ def test_every_checkpoint_of_a_run_equals_plain_transformers(run, docs, tmp_path
     rows = report(tmp_path / "r.json")
     assert [(r["checkpoint"].split("/")[-1], r["step"]) for r in rows] == [
         ("step-000002", 2), ("step-000004", 4), ("final", 4)]
+    assert json.loads((run / "final" / "export_info.json").read_text()) == {"step": 4}  # final's step, recorded
     expected = reference(run / "final", texts_of(docs))
     assert expected["tokens"] > 500
     assert_same_numbers(expected, rows[2])  # final/

@@ -23,6 +23,7 @@ import torch
 from . import checkpoint as checkpoint_lib, config as config_lib, cpu, data, job, strategy
 from .config import DataConfig, ModelConfig, RunConfig, UserError, run_cli
 from .data import IGNORE
+from .export import INFO_FILE
 from .files import pyplot, write_figure, write_text
 from .loss import fuse_head_and_loss
 from .model import build_model, initial_model
@@ -112,11 +113,14 @@ def target(path: Path) -> Target:
                         f"{checkpoint_lib.STATE_FILE} in it): pass a run's final/ directory, a "
                         "checkpoints/step-N directory or a run's checkpoints/ folder")
     # An exported model sits in runs/x/final/ (or final/merged/); the run's config is above it.
+    # (Exports of earlier toolkit versions have no INFO_FILE: the run's max_steps was final's step.)
+    info = next((d / INFO_FILE for d in (path, path.parent) if (d / INFO_FILE).is_file()), None)
+    step = json.loads(info.read_text())["step"] if info else None
     for run_dir in (path.parent, path.parent.parent):
         if (run_dir / "config.yaml").is_file():
             run = config_lib.load(run_dir / "config.yaml")
-            return Target(path, kind, run, run_dir, run.runtime.get("max_steps"))
-    return Target(path, kind, None, None, None)
+            return Target(path, kind, run, run_dir, step if info else run.runtime.get("max_steps"))
+    return Target(path, kind, None, None, step)
 
 
 def eval_accelerator(targets: list[Target], args):

@@ -16,9 +16,11 @@ from .config import UserError, run_cli
 from .files import replaced_dir
 
 EXPORT_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+# What an exported directory is, beside the Hugging Face files: the optimizer step it was trained to.
+INFO_FILE = "export_info.json"
 
 
-def export_model(accelerator, model, tokenizer, out: str | Path, merge_lora: bool = False,
+def export_model(accelerator, model, tokenizer, out: str | Path, step: int, merge_lora: bool = False,
                  dtype: str = "fp32") -> None:
     """Write `out` as a Hugging Face model directory, whatever the strategy.
 
@@ -28,16 +30,16 @@ def export_model(accelerator, model, tokenizer, out: str | Path, merge_lora: boo
 
     state_dict = master_state_dict(accelerator, model)  # all ranks
     if accelerator.is_main_process:
-        write_hf_model(accelerator.unwrap_model(model), state_dict, tokenizer, Path(out), merge_lora, dtype)
+        write_hf_model(accelerator.unwrap_model(model), state_dict, tokenizer, Path(out), step, merge_lora, dtype)
     accelerator.wait_for_everyone()
 
 
-def write_hf_model(model, state_dict: dict, tokenizer, out: Path, merge_lora: bool = False,
+def write_hf_model(model, state_dict: dict, tokenizer, out: Path, step: int, merge_lora: bool = False,
                    dtype: str = "fp32") -> None:
     """safetensors weights + config + tokenizer that plain transformers loads; for a LoRA model the
     adapter (peft picks its weights out of the full state dict), and with `merge_lora` also
     `merged/`, a full model. The same files under every strategy: floats in `dtype` (fp32, bf16 or
-    fp16) and no second copy of a tied weight."""
+    fp16) and no second copy of a tied weight. INFO_FILE records the optimizer `step`."""
     import torch
 
     torch_dtype = getattr(torch, EXPORT_DTYPES[dtype])
@@ -49,6 +51,7 @@ def write_hf_model(model, state_dict: dict, tokenizer, out: Path, merge_lora: bo
         model.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
         _record_dtype(tmp, dtype)  # save_pretrained records the live model's dtype, not the files'
         tokenizer.save_pretrained(tmp)
+        (tmp / INFO_FILE).write_text(json.dumps({"step": step}) + "\n")
         if merge_lora:
             merged = merged_model(model, state_dict, out).to(torch_dtype)
             merged.save_pretrained(tmp / "merged", safe_serialization=True)
@@ -89,7 +92,8 @@ def main(argv=None) -> None:
     if out.exists() and any(out.iterdir()):
         raise UserError(f"--out {out} exists and is not empty: choose a new directory")
     model, tokenizer, cfg = checkpoint.load_model(args.checkpoint)
-    write_hf_model(model, model.state_dict(), tokenizer, out, merge_lora=args.merge_lora or cfg.lora.merge,
+    step = json.loads((Path(args.checkpoint) / checkpoint.STATE_FILE).read_text())["step"]
+    write_hf_model(model, model.state_dict(), tokenizer, out, step, merge_lora=args.merge_lora or cfg.lora.merge,
                    dtype=args.dtype or cfg.checkpoint.export_dtype)
     print(f"exported {args.checkpoint} -> {out}")
 

@@ -132,8 +132,8 @@ def run(cfg: RunConfig, accelerator, stop) -> None:
     prepared = Prepared(model, optimizer, scheduler, train_loader, eval_loader, tokenizer, max_steps, flops)
     finished = train(cfg, accelerator, prepared, state, stop, resume_from)
     if finished:
-        export.export_model(accelerator, model, tokenizer, out / "final", merge_lora=cfg.lora.merge,  # all ranks
-                            dtype=cfg.checkpoint.export_dtype)
+        export.export_model(accelerator, model, tokenizer, out / "final", state["step"],  # all ranks
+                            merge_lora=cfg.lora.merge, dtype=cfg.checkpoint.export_dtype)
         accelerator.print(f"saved {out / 'final'}")
     accelerator.wait_for_everyone()
     accelerator.end_training()
