@@ -74,6 +74,12 @@ class LinearCrossEntropy(torch.autograd.Function):
                 None, None)
 
 
+def head_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype autocast (if on) would give the head's matmul; the weight's otherwise."""
+    device = hidden.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+
+
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Sum of the NLLs of `labels` shifted by one (position t predicts labels[t+1]), skipping IGNORE,
     for hidden states [batch, seq, dim] and a head weight [vocab, dim], in the compute dtype that
@@ -81,8 +87,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE).reshape(-1)
     scored = (targets != IGNORE).nonzero().squeeze(1)
     hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, scored)
-    device = hidden.device.type
-    compute_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+    device, compute_dtype = hidden.device.type, head_dtype(hidden, weight)
     with torch.autocast(device, enabled=False):  # the dtypes are chosen above, explicitly
         return LinearCrossEntropy.apply(hidden, weight, targets[scored], compute_dtype)
 
@@ -100,8 +105,7 @@ def example_stats(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tens
     scored = (targets != IGNORE).nonzero().squeeze(1)
     hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, scored)
     targets = targets[scored]
-    device = hidden.device.type
-    compute_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+    device, compute_dtype = hidden.device.type, head_dtype(hidden, weight)
     w = weight.to(compute_dtype)
     nll = torch.empty(len(scored), dtype=torch.float32, device=hidden.device)
     correct = torch.empty(len(scored), dtype=torch.bool, device=hidden.device)

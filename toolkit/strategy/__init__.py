@@ -164,9 +164,9 @@ def verify(accelerator: Accelerator, model, optimizer, cfg: RunConfig) -> dict:
     info: dict = {"num_processes": accelerator.num_processes, "distributed_type": str(running.value),
                   "device": accelerator.device.type, "params_local_numel": local, "params_numel": full}
     if requested.kind == "deepspeed":
-        info.update(zero.verify(accelerator, model, requested, fail))
+        info.update(zero.verify(accelerator, model, requested, fail, local, full))
     elif requested.kind == "fsdp":
-        info.update(fsdp.verify(accelerator, model, requested, fail))
+        info.update(fsdp.verify(accelerator, model, requested, fail, local, full))
     elif requested.kind == "ddp":
         if not isinstance(model, torch.nn.parallel.DistributedDataParallel):
             fail(f"accelerate runs {running.value} without DistributedDataParallel")

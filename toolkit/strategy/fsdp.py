@@ -64,16 +64,14 @@ def init_device(plugin) -> torch.device:
     return torch.device("cpu") if isinstance(plugin.cpu_offload, CPUOffloadPolicy) else None
 
 
-def verify(accelerator, model, requested, fail) -> dict:
-    """After `prepare`: FSDP2 runs, the parameters are sharded on the mesh asked for; what runs."""
+def verify(accelerator, model, requested, fail, local: int, full: int) -> dict:
+    """After `prepare`: FSDP2 runs, the parameters are sharded (`local` of `full` elements on this
+    rank) on the mesh asked for; what runs."""
     from accelerate.utils import DistributedType
     from torch.distributed.fsdp import CPUOffloadPolicy
 
-    from .. import measure
-
     if accelerator.distributed_type != DistributedType.FSDP:
         fail(f"accelerate runs {accelerator.distributed_type.value}, not FSDP")
-    local, full = measure.sharded_numel(model)
     if requested.world_size > 1 and local >= full:
         fail(f"FSDP left the parameters unsharded ({local} of {full} elements on this rank)")
     plugin = accelerator.state.fsdp_plugin

@@ -131,18 +131,15 @@ def json_scheduler(plugin) -> bool:
     return "scheduler" in plugin.deepspeed_config
 
 
-def verify(accelerator, model, requested, fail) -> dict:
-    """After `prepare`: a DeepSpeed engine runs the ZeRO stage asked for, sharded where it should be;
-    what runs."""
+def verify(accelerator, model, requested, fail, local: int, full: int) -> dict:
+    """After `prepare`: a DeepSpeed engine runs the ZeRO stage asked for, sharded where it should be
+    (`local` of `full` elements on this rank); what runs."""
     import deepspeed
     from accelerate.utils import DistributedType
-
-    from .. import measure
 
     running = accelerator.distributed_type
     if running != DistributedType.DEEPSPEED or not isinstance(model, deepspeed.DeepSpeedEngine):
         fail(f"accelerate runs {running.value} without a DeepSpeed engine")
-    local, full = measure.sharded_numel(model)
     stage = model.zero_optimization_stage()
     wanted_stage = accelerator.state.deepspeed_plugin.deepspeed_config["zero_optimization"].get("stage", 0)
     if stage != wanted_stage:
