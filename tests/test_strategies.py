@@ -4,6 +4,7 @@ Each runs 2 real processes on gloo in fp32, checkpoints at step 2, restarts from
 and is compared with an uninterrupted DDP run at the same global batch."""
 
 import json
+import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
@@ -13,7 +14,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import ACCELERATE_CONFIGS, ROOT, free_port, launch, metrics, runtime, tiny_run
+from conftest import ACCELERATE_CONFIGS, ROOT, environment, free_port, launch, metrics, runtime, tiny_run
 from toolkit import export, strategy
 from toolkit.config import RunConfig, UserError
 
@@ -269,6 +270,35 @@ def test_two_machines_on_loopback(ddp_run, text_data, tmp_path):
     assert runtime(out)["num_processes"] == 2
     for a, b in zip(metrics(ddp_run)[0], metrics(out)[0]):
         assert b["loss"] == pytest.approx(a["loss"], rel=LOSS_RTOL)
+
+
+@pytest.mark.distributed
+def test_a_world_per_machine_from_deepspeeds_own_launcher_is_refused_before_any_work(text_data, tmp_path):
+    """The trap of a naive multi-node script: `accelerate launch --num_machines 2 ...` with a DeepSpeed
+    config hands each machine to DeepSpeed's pdsh launcher, which without a hostfile starts a world
+    of one process there; each would train alone on half the global batch. Every process compares
+    its world with the launch's 2 processes and stops with one line."""
+    import subprocess
+    import sys
+
+    port, out = free_port(), tmp_path / "run"
+    env = {**environment(), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}  # finds `deepspeed`
+
+    def machine(rank: int) -> subprocess.Popen:
+        # cwd: accelerate writes a .deepspeed_env file where it is launched
+        return subprocess.Popen(
+            [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE_CONFIGS / "zero3.yaml"),
+             "--num_machines", "2", "--machine_rank", str(rank), "--num_processes", "2", "--main_process_ip",
+             "127.0.0.1", "--main_process_port", str(port), "-m", "toolkit.train", *tiny_run(text_data, out, **ARGS)],
+            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    machines = [machine(rank) for rank in (0, 1)]
+    results = [m.communicate(timeout=300) for m in machines]
+    assert all(m.returncode != 0 for m in machines), results
+    line = ("error: `accelerate launch` asked for 2 processes in all, but this process joined a world of 1: its "
+            "launcher started a world of its own. With a DeepSpeed config on several machines pass "
+            "`--deepspeed_multinode_launcher standard`")
+    assert any(line in err for _, err in results), results
+    assert not out.exists()  # stopped before the output_dir was even created
 
 
 def test_a_strategy_that_does_not_engage_stops_with_a_clear_error(monkeypatch):

@@ -1,12 +1,16 @@
-"""What `accelerate launch` asked for, read from the environment it sets in every process: the one
-reader of those variables (standard library only, so CLIs read it before any heavy import)."""
+"""What `accelerate launch` asked for, read from the environment it sets in every process (the one
+reader of those variables) and from its command line. Nothing heavy at import, so CLIs read it
+before torch loads."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import yaml
 
 from .config import UserError
 
@@ -25,11 +29,23 @@ class Requested:
         mesh = {dim: int(os.environ.get(f"PARALLELISM_CONFIG_{dim.upper()}_SIZE", "1"))
                 for dim in ("dp_replicate", "dp_shard", "tp", "cp", "sp")
                 } if _env_flag("ACCELERATE_USE_PARALLELISM_CONFIG") else {}
-        if _env_flag("ACCELERATE_USE_DEEPSPEED"):
-            return cls("deepspeed", world, mesh)
-        if _env_flag("ACCELERATE_USE_FSDP"):
-            return cls("fsdp", world, mesh)
-        return cls("ddp" if world > 1 else "single", world, mesh)
+        kind = ("deepspeed" if _env_flag("ACCELERATE_USE_DEEPSPEED") else "fsdp" if _env_flag("ACCELERATE_USE_FSDP")
+                else "ddp" if world > 1 else "single")
+        return cls(kind, world, mesh)
+
+    def refuse_a_smaller_world(self) -> None:
+        """Every process, before any work: the world this process joined must be the one `accelerate
+        launch` asked for. accelerate passes only the world its launcher starts (WORLD_SIZE); on several
+        machines with a DeepSpeed config its default launcher (pdsh) starts a separate world on each
+        machine when it has no hostfile, and each would train alone, on part of the global batch."""
+        launched = launched_processes()
+        if launched is None or self.world_size == launched:
+            return
+        raise UserError(
+            f"`accelerate launch` asked for {launched} processes in all, but this process joined a world of "
+            f"{self.world_size}: its launcher started a world of its own. With a DeepSpeed config on several "
+            "machines pass `--deepspeed_multinode_launcher standard` (examples/slurm/train.sbatch does) or give "
+            "DeepSpeed's launcher a --deepspeed_hostfile")
 
     def refuse_model_parallelism(self) -> None:
         """Only data parallelism runs (DDP, ZeRO, FSDP, HSDP's dp_replicate x dp_shard): tensor, context
@@ -55,6 +71,48 @@ class Requested:
                          for k in ("OPTIMIZER", "PARAM"))
         zero = json.loads(Path(path).read_text()).get("zero_optimization", {})
         return tuple((zero.get(f"offload_{k}") or {}).get("device", "none") for k in ("optimizer", "param"))
+
+
+@functools.cache
+def launched_processes(pid: int | None = None) -> int | None:
+    """The process count (all machines) of the `accelerate launch` command this process runs under:
+    its command line, else its config file, else accelerate's default config. None when no such
+    command is among this process's ancestors (plain python, torchrun, srun) or it names no count."""
+    argv = _accelerate_launch_argv(pid or os.getpid())
+    if argv is None:
+        return None
+    from accelerate.commands.config import default_config_file
+    from accelerate.commands.launch import launch_command_parser  # its own parser: every spelling of a flag
+
+    try:
+        args, _ = launch_command_parser().parse_known_args(argv)
+    except SystemExit:  # a command line accelerate itself accepted; don't fail on a newer flag
+        return None
+    if args.num_processes is not None:
+        return int(args.num_processes)
+    config_file = args.config_file or (default_config_file if Path(default_config_file).is_file() else None)
+    try:
+        processes = (yaml.safe_load(Path(config_file).read_text()) or {}).get("num_processes") if config_file else None
+    except (OSError, yaml.YAMLError):
+        return None
+    return int(processes) if processes is not None else None
+
+
+def _accelerate_launch_argv(pid: int) -> list[str] | None:
+    """The arguments after `launch` of the nearest `accelerate launch` ancestor of `pid` (Linux /proc)."""
+    while pid > 1:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            pid = int(stat.rsplit(")", 1)[1].split()[1])  # the parent
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")[:-1]
+        except (OSError, ValueError, IndexError):
+            return None
+        for i, arg in enumerate(argv[:4]):  # [python] .../accelerate launch | -m accelerate.commands.launch
+            if arg == "accelerate.commands.launch" or (arg == "launch" and i and argv[i - 1].endswith("accelerate")):
+                return argv[i + 1:]
+            if arg.endswith("accelerate-launch"):
+                return argv[i + 1:]
+    return None
 
 
 def _env_flag(name: str) -> bool:

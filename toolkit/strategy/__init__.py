@@ -26,6 +26,7 @@ from . import ddp, fsdp, zero
 def make_accelerator(cfg: RunConfig) -> Accelerator:
     requested = Requested.from_env()
     requested.refuse_model_parallelism()
+    requested.refuse_a_smaller_world()
     ddp_kwargs = ddp.ddp_kwargs(cfg, requested.kind)  # refuses ddp.* keys where DDP does not run, before any group
     on_cpu = not torch.cuda.is_available()
     # A dead or stalled rank ends every collective after this long, instead of torch's 30 minutes.
