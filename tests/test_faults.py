@@ -172,6 +172,25 @@ def test_a_stale_lock_is_taken_over_and_a_live_one_refused(tmp_path, capsys):
         job.OutputLock(tmp_path)
 
 
+def test_a_requeued_slurm_job_takes_over_its_earlier_attempts_lock_from_any_node(tmp_path, monkeypatch, capsys):
+    """A preempted attempt killed after its grace time leaves its lock, maybe on another node; the
+    same job's next attempt takes it over. Another job's lock, or a later attempt's, is still refused."""
+    def holder(job_id, attempt):
+        return json.dumps({"host": "other-node", "pid": 1, "started": None, "since": "x", "slurm_job": job_id,
+                           "slurm_attempt": attempt})
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    for refused in (holder("76", 0), holder("77", 1)):
+        (tmp_path / ".lock").write_text(refused)
+        with pytest.raises(job.UserError, match="in use by PID 1 on other-node"):
+            job.OutputLock(tmp_path)
+    (tmp_path / ".lock").write_text(holder("77", 0))
+    lock = job.OutputLock(tmp_path)
+    assert "an earlier attempt of Slurm job 77" in capsys.readouterr().out
+    assert json.loads((tmp_path / ".lock").read_text())["slurm_attempt"] == 1
+    lock.release()
+
+
 def test_a_lock_that_cannot_be_read_is_waited_for_then_refused_never_taken_over(tmp_path, monkeypatch):
     """An empty .lock is another process between creating and writing it (an older toolkit), or a
     garbled one: neither may be read as "PID -1, dead" and taken over."""

@@ -4,7 +4,8 @@ workers die with their launcher, and only one run writes into an output_dir.
 - `stop_together`: an error on one rank (a failed write on the main process, bad data found
   inside `main_process_first`) ends every rank at once with that error. Without it the other
   ranks wait in their next collective until it times out, then print a gloo traceback.
-- `StopSignal`: SIGTERM/SIGINT (preemption, Ctrl-C, a dead launcher) asks for a stop; the loop
+- `StopSignal`: SIGTERM/SIGINT/SIGUSR1 (preemption, Ctrl-C, a dead launcher, a scheduler's warning
+  of its time limit) asks for a stop; the loop
   asks `requested(accelerator)` every `train.stop_check_every` optimizer steps, so all ranks agree
   on the same step, save a checkpoint and exit 0.
 - Votes among ranks (`vote`) travel over a gloo group of their own on the CPU: they never wait for
@@ -115,11 +116,12 @@ def main_process_first(accelerator):
 
 
 class StopSignal:
-    """Records SIGTERM/SIGINT instead of dying mid-step; the loop stops at the next step boundary."""
+    """Records SIGTERM/SIGINT/SIGUSR1 instead of dying mid-step; the loop stops at the next step
+    boundary. SIGUSR1 is what Slurm sends before a job's time limit (`--signal`, examples/slurm)."""
 
     def __init__(self):
         self.received: int | None = None
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
@@ -165,7 +167,7 @@ class OutputLock:
     def __init__(self, output_dir: str | Path):
         self.path = Path(output_dir) / ".lock"
         self.mine = {"host": socket.gethostname(), "pid": os.getpid(), "started": _process_start(os.getpid()),
-                     "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+                     "since": time.strftime("%Y-%m-%d %H:%M:%S"), **_slurm_attempt()}
         while not self._create():
             holder = self._readable_holder()
             if holder is None:
@@ -215,6 +217,11 @@ class OutputLock:
 
     def _take_over_or_refuse(self, holder: dict) -> None:
         who = f"PID {holder['pid']} on {holder['host']} (since {holder['since']})"
+        if _earlier_attempt_of_this_job(holder, self.mine):  # Slurm starts a requeued job once the last has ended
+            print(f"note: taking over {self.path} from {who}, an earlier attempt of Slurm job "
+                  f"{holder['slurm_job']}", flush=True)
+            self.path.unlink(missing_ok=True)
+            return
         if holder["host"] != socket.gethostname():
             raise UserError(f"output_dir {self.path.parent} is in use by {who}: wait for that run, or if no run "
                             f"is active on {holder['host']} delete {self.path}")
@@ -244,6 +251,20 @@ def check_shared(accelerator, lock: OutputLock | None, output_dir: Path) -> None
             raise UserError(f"output_dir {output_dir} is not shared: the main process's {output_dir}/.lock is not "
                             f"visible on {socket.gethostname()}; put output_dir on a filesystem every machine "
                             "mounts (NFS, Lustre, ...)")
+
+
+def _slurm_attempt() -> dict:
+    """Which Slurm job and attempt (requeues counted) this is, if any."""
+    if "SLURM_JOB_ID" not in os.environ:
+        return {}
+    return {"slurm_job": os.environ["SLURM_JOB_ID"], "slurm_attempt": int(os.environ.get("SLURM_RESTART_COUNT", "0"))}
+
+
+def _earlier_attempt_of_this_job(holder: dict, mine: dict) -> bool:
+    """A lock left by an earlier attempt of the same Slurm job (killed after its grace time, perhaps on
+    another node): Slurm requeues a job only after every process of its last attempt has ended."""
+    return ("slurm_job" in mine and holder.get("slurm_job") == mine["slurm_job"]
+            and isinstance(holder.get("slurm_attempt"), int) and holder["slurm_attempt"] < mine["slurm_attempt"])
 
 
 def _process_start(pid: int) -> str | None:
