@@ -141,7 +141,7 @@ class TrainConfig:
     """fp16: the floor of the dynamic loss scale (torch's GradScaler; under DeepSpeed the JSON's
     fp16.min_loss_scale, "auto" there takes this value)."""
     stop_check_every: int = 1
-    """Ask every rank whether one received SIGTERM/SIGINT (a preemption notice) every N optimizer steps; they
+    """Ask every rank whether one received SIGTERM/SIGINT/SIGUSR1 (a preemption or time-limit notice) every N optimizer steps; they
     stop together at the first such step, after saving a checkpoint. The vote runs on the CPU, never waiting for
     the GPU."""
     collective_timeout: float = 600.0
@@ -446,3 +446,24 @@ def save(cfg: RunConfig, path: str | Path) -> None:
     from .files import write_text  # (imports nothing from the package either)
 
     write_text(Path(path), yaml.safe_dump(to_dict(cfg), sort_keys=False))  # never a half-written config.yaml
+
+
+def main(argv=None) -> None:
+    """`python -m toolkit.config --config RUN.yaml [key=value ...] --get output_dir`: one resolved
+    value, as training would see it (job scripts read the run's output_dir so)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="toolkit.config", description="Print one value of a run config.")
+    parser.add_argument("--config", help="YAML run config")
+    parser.add_argument("--get", required=True, metavar="KEY", help="dotted key, e.g. output_dir or train.max_steps")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, as toolkit.train takes them")
+    args = parser.parse_args(argv)
+    cfg = load(args.config, args.overrides)
+    try:
+        print(_show(get(cfg, args.get)))
+    except AttributeError:
+        raise UserError(f"{args.get} is not a config key: see `python -m toolkit.train --help`") from None
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -78,7 +78,8 @@ class Target:
 
 
 def find_targets(checkpoint: str) -> list[Target]:
-    """What `--checkpoint` names: one model or checkpoint, or every checkpoint of a run plus its final/."""
+    """What `--checkpoint` names: one model or checkpoint, or every checkpoint of a run (its directory
+    or its checkpoints/ folder) plus its final/."""
     path = Path(checkpoint)
     fix = "pass a run's final/ directory, a checkpoints/step-N directory or a run's checkpoints/ folder"
     if not path.exists():
@@ -87,6 +88,8 @@ def find_targets(checkpoint: str) -> list[Target]:
         raise UserError(f"checkpoint {path} is a file, not a directory: {fix}")
     if (path / "checkpoints").is_dir():  # a run directory: treat it as its checkpoints/ folder
         path = path / "checkpoints"
+    elif (path / "config.yaml").is_file() and (path / "final").is_dir():  # a run that saved no checkpoint
+        path = path / "final"
     steps = checkpoint_lib.checkpoint_dirs(path)
     if steps:
         targets = [target(p) for p in steps]
