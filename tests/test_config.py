@@ -79,3 +79,13 @@ def test_every_example_config_is_valid():
     assert len(examples) >= 4
     for path in examples:
         config.load(path)
+
+
+def test_one_value_is_printed_for_job_scripts(tmp_path, capsys):
+    """`python -m toolkit.config --get KEY` (examples/slurm/train.sbatch reads output_dir so)."""
+    (tmp_path / "run.yaml").write_text("output_dir: runs/a\ndata:\n  train: d.jsonl\ntrain:\n  max_steps: 7\n")
+    config.main(["--config", str(tmp_path / "run.yaml"), "--get", "output_dir", "output_dir=runs/b"])
+    config.main(["--config", str(tmp_path / "run.yaml"), "--get", "train.max_steps"])
+    assert capsys.readouterr().out.split() == ["runs/b", "7"]
+    with pytest.raises(UserError, match="train.nope is not a config key"):
+        config.main(["--config", str(tmp_path / "run.yaml"), "--get", "train.nope"])

@@ -224,6 +224,20 @@ def test_lora_adapter_evaluates_like_its_merged_model(text_data, tmp_path):
     assert abs(evals[0]["eval_loss"] - merged["loss"]) > 1e-2
 
 
+def test_a_run_directory_names_every_checkpoint_and_final_or_final_alone(run, tmp_path):
+    import shutil
+
+    from toolkit.evaluate import find_targets
+
+    assert [(t.kind, t.step) for t in find_targets(str(run))] == [("state", 2), ("state", 4), ("model", 4)]
+    no_checkpoints = tmp_path / "run"  # a run with checkpoint.every=0
+    no_checkpoints.mkdir()
+    shutil.copy(run / "config.yaml", no_checkpoints)
+    shutil.copytree(run / "final", no_checkpoints / "final")
+    [final] = find_targets(str(no_checkpoints))
+    assert (final.path, final.kind, final.step) == (no_checkpoints / "final", "model", 4)
+
+
 def error_lines(proc) -> list[str]:
     return [line for line in proc.stderr.splitlines() if line.startswith("error:")]
 
