@@ -133,3 +133,22 @@ def test_the_byte_counter_sits_in_front_of_every_collective():
         print("all_reduce bytes:", meter.take()["all_reduce"])
     """)
     assert "all_reduce bytes: 1024" in out
+
+
+def test_the_launch_request_is_read_with_accelerates_own_parser(tmp_path):
+    """launched_processes: the `accelerate launch` above a process, parsed by accelerate's
+    launch_command_parser: its --num_processes, else its config file's; none without such a command."""
+    import subprocess
+    import sys
+
+    child = "from toolkit.launch import launched_processes; print(launched_processes())"
+    accelerate = tmp_path / "accelerate"  # stands in for the console script: runs the "worker"
+    accelerate.write_text(f"import subprocess, sys\nsubprocess.run([sys.executable, '-c', {child!r}], check=True)\n")
+    (tmp_path / "cfg.yaml").write_text("distributed_type: MULTI_GPU\nnum_machines: 2\nnum_processes: 4\n")
+
+    def launched(*args: str) -> str:
+        return subprocess.run([sys.executable, *args], capture_output=True, text=True, check=True).stdout.strip()
+    script_args = ["-m", "toolkit.train", "--num_processes", "5"]  # the script's own, not accelerate's
+    assert launched(str(accelerate), "launch", "--num-processes=3", *script_args) == "3"
+    assert launched(str(accelerate), "launch", "--config_file", str(tmp_path / "cfg.yaml"), *script_args) == "4"
+    assert launched("-c", child) == "None"

@@ -141,9 +141,9 @@ class TrainConfig:
     """fp16: the floor of the dynamic loss scale (torch's GradScaler; under DeepSpeed the JSON's
     fp16.min_loss_scale, "auto" there takes this value)."""
     stop_check_every: int = 1
-    """Ask every rank whether one received SIGTERM/SIGINT/SIGUSR1 (a preemption or time-limit notice) every N optimizer steps; they
-    stop together at the first such step, after saving a checkpoint. The vote runs on the CPU, never waiting for
-    the GPU."""
+    """Ask every rank whether one received SIGTERM/SIGINT/SIGUSR1 (a preemption or time-limit notice) every N
+    optimizer steps; they stop together at the first such step, after saving a checkpoint. The vote runs on the
+    CPU, never waiting for the GPU."""
     collective_timeout: float = 600.0
     """Seconds a collective (all-reduce, barrier, ...) may wait for a dead or stalled rank before the job ends."""
     fused_loss: bool = True

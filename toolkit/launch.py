@@ -74,11 +74,11 @@ class Requested:
 
 
 @functools.cache
-def launched_processes(pid: int | None = None) -> int | None:
+def launched_processes() -> int | None:
     """The process count (all machines) of the `accelerate launch` command this process runs under:
     its command line, else its config file, else accelerate's default config. None when no such
     command is among this process's ancestors (plain python, torchrun, srun) or it names no count."""
-    argv = _accelerate_launch_argv(pid or os.getpid())
+    argv = _accelerate_launch_argv(os.getpid())
     if argv is None:
         return None
     from accelerate.commands.config import default_config_file
@@ -108,9 +108,8 @@ def _accelerate_launch_argv(pid: int) -> list[str] | None:
         except (OSError, ValueError, IndexError):
             return None
         for i, arg in enumerate(argv[:4]):  # [python] .../accelerate launch | -m accelerate.commands.launch
-            if arg == "accelerate.commands.launch" or (arg == "launch" and i and argv[i - 1].endswith("accelerate")):
-                return argv[i + 1:]
-            if arg.endswith("accelerate-launch"):
+            if (arg in ("accelerate.commands.launch", "accelerate-launch") or arg.endswith("/accelerate-launch")
+                    or (arg == "launch" and i and argv[i - 1].endswith("accelerate"))):
                 return argv[i + 1:]
     return None
 
