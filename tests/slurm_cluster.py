@@ -62,8 +62,15 @@ class SlurmCluster:
         return self
 
     def stop(self) -> None:
-        """Stop what `start` started: slurmds first (their jobs' processes go with them), then the
-        controller, then munged."""
+        """Stop what `start` started: jobs still there (a failed test's) are cancelled, then the
+        slurmds, the controller and munged are stopped."""
+        if self.children and all(c.poll() is None for c in self.children):
+            jobs = self.run("squeue", "-h", "-o", "%i", check=False).stdout.split()
+            if jobs:
+                self.run("scancel", "--full", *jobs, check=False)
+                deadline = time.monotonic() + 60  # KillWait (30 s) and more
+                while self.run("squeue", "-h", "-o", "%i", check=False).stdout.split() and time.monotonic() < deadline:
+                    time.sleep(1)
         for child in reversed(self.children):
             if child.poll() is None:
                 child.send_signal(signal.SIGTERM)
@@ -73,6 +80,24 @@ class SlurmCluster:
                     child.kill()
                     child.wait()
         self.children.clear()
+        for pid in self._step_daemons():  # a slurmstepd still reporting to a slurmd that is gone waits forever
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def _step_daemons(self) -> list[int]:
+        """The slurmstepd processes of this cluster's slurmds (they inherit its SLURM_CONF)."""
+        mine = f"SLURM_CONF={self.conf}".encode() + b"\0"
+        found = []
+        for entry in Path("/proc").iterdir():
+            try:
+                if entry.name.isdigit() and (entry / "comm").read_text().strip() == "slurmstepd" \
+                        and mine in (entry / "environ").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:  # gone meanwhile
+                pass
+        return found
 
     def __enter__(self):
         return self.start()
