@@ -142,8 +142,12 @@ SlurmdParameters=config_overrides
 # A job's steps get SIGTERM, then SIGKILL this many seconds later (scancel, time limit, requeue).
 KillWait=30
 MinJobAge=600
+# A job in `urgent` preempts (requeues) jobs of `main` on the nodes it needs.
+PreemptType=preempt/partition_prio
+PreemptMode=REQUEUE
 {node_lines}
-PartitionName=main Nodes={','.join(self.nodes)} Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
+PartitionName=main Nodes={','.join(self.nodes)} Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES PriorityTier=1
+PartitionName=urgent Nodes={','.join(self.nodes)} MaxTime=INFINITE State=UP PriorityTier=2
 """)
 
     def _start_munge(self) -> None:
@@ -168,12 +172,13 @@ PartitionName=main Nodes={','.join(self.nodes)} Default=YES MaxTime=INFINITE Sta
     def _wait_until_idle(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while True:
-            states = self.run("sinfo", "-h", "-N", "-o", "%N %t", check=False).stdout.split()
-            if states.count("idle") == len(self.nodes):
+            lines = self.run("sinfo", "-h", "-N", "-o", "%N %t", check=False).stdout.splitlines()
+            states = dict(line.split() for line in lines if len(line.split()) == 2)  # a line per node and partition
+            if list(states.values()).count("idle") == len(self.nodes):
                 return
             dead = [c.args[0] for c in self.children if c.poll() is not None]
             if dead or time.monotonic() > deadline:
-                raise RuntimeError(f"Slurm nodes not idle ({' '.join(states)}; exited: {dead}):\n"
+                raise RuntimeError(f"Slurm nodes not idle ({states}; exited: {dead}):\n"
                                    + self._log(self.dir / "log" / "slurmctld.log"))
             time.sleep(0.3)
 

@@ -73,8 +73,8 @@ def losses(out: Path) -> list[float]:
 
 
 def submit(cluster, tmp_path, config: str, overrides: list[str], *sbatch_args: str, **env) -> str:
-    """`sbatch [sbatch_args] examples/slurm/train.sbatch accelerate_configs/<config>.yaml -` from the
-    checkout, as a user would, with the run's settings as key=value overrides."""
+    """`sbatch --nodes=2 [sbatch_args] examples/slurm/train.sbatch accelerate_configs/<config>.yaml
+    RUN_CONFIG overrides...` from the checkout, as a user would."""
     environment = {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "ACCELERATE_ARGS": " ".join(FP32),
                    "TOKENIZERS_PARALLELISM": "false", **env}
     return cluster.sbatch("--nodes=2", f"--output={tmp_path}/slurm-%j.out", *sbatch_args, TRAIN,
@@ -135,22 +135,57 @@ def test_a_two_node_zero3_job_trains_like_two_processes_on_one_node(cluster, one
     one_node(out, "zero3")
 
 
-def test_a_job_signalled_mid_run_saves_requeues_and_finishes_like_an_uninterrupted_run(cluster, one_node, text_data,
-                                                                                       tmp_path):
-    out = tmp_path / "run"
-    job_id = submit(cluster, tmp_path, "ddp", tiny_run(text_data, out, **RUN))
-    cluster.wait_for(lambda: len(logged_steps(out)) >= 3, 180, "step 3")
+def stops(tmp_path, job_id: str) -> list[int]:
+    """The steps the job's attempts stopped at after a signal, in order (each node's main process says it)."""
+    return sorted({int(m) for m in re.findall(r"stopped by signal after step (\d+);", job_log(tmp_path, job_id))})
+
+
+def test_a_job_signalled_requeued_and_preempted_saves_each_time_and_finishes_like_an_uninterrupted_run(
+        cluster, one_node, text_data, tmp_path):
+    """Three interruptions of one job, one per attempt: `scancel --signal=TERM` reaches the steps only
+    and the script requeues the job; `scontrol requeue` and a preemption by a job of a higher
+    partition send TERM to the script too, and Slurm requeues it. Each attempt saves where it
+    stopped; the last one finishes, and every step's loss is an uninterrupted run's."""
+    out, steps = tmp_path / "run", 160
+    job_id = submit(cluster, tmp_path, "ddp", tiny_run(text_data, out, **{**RUN, "train.max_steps": steps}))
+
+    def at_step_of_attempt(attempt: int, step: int) -> None:
+        cluster.wait_for(lambda: f"attempt {attempt}:" in job_log(tmp_path, job_id)
+                         and max(logged_steps(out), default=0) >= step, 180, f"step {step} of attempt {attempt}")
+
+    at_step_of_attempt(0, 3)
     cluster.run("scancel", "--signal=TERM", job_id)  # every process of the job's steps, launchers included
     requeued(cluster, job_id, 1)
-    log = job_log(tmp_path, job_id)
-    stopped_at = int(log.split("stopped by signal after step ")[1].split(";")[0])
-    assert 3 <= stopped_at < RUN["train.max_steps"], log
-    assert (out / "checkpoints" / f"step-{stopped_at:06d}" / "trainer_state.json").is_file()
+    at_step_of_attempt(1, stops(tmp_path, job_id)[-1] + 3)
+    cluster.run("scontrol", "requeue", job_id)
+    requeued(cluster, job_id, 2)
+    at_step_of_attempt(2, stops(tmp_path, job_id)[-1] + 3)
+    urgent = cluster.sbatch("--partition=urgent", "--nodes=2", "--exclusive", f"--output={tmp_path}/urgent.out",
+                            "--wrap", "srun true", cwd=tmp_path)
+    requeued(cluster, job_id, 3)
+    assert cluster.job(urgent)["JobState"] in ("RUNNING", "COMPLETING", "COMPLETED")
 
     finished(cluster, tmp_path, job_id)
-    log = job_log(tmp_path, job_id)
-    assert f"resumed from {out / 'checkpoints' / f'step-{stopped_at:06d}'}" in log, log
+    log, stopped = job_log(tmp_path, job_id), stops(tmp_path, job_id)
+    assert len(stopped) == 3 and stopped[-1] < steps, log
+    assert "requeueing" in log and "DUE TO JOB REQUEUE" in log and "DUE TO PREEMPTION" in log, log
+    for stopped_at in stopped:
+        assert f"resumed from {out / 'checkpoints' / f'step-{stopped_at:06d}'}" in log, log
     one_node(out)
+    assert len(losses(out)) == steps
+
+
+def test_a_cancelled_job_saves_and_is_not_requeued(cluster, text_data, tmp_path):
+    """Plain `scancel`: TERM to every process, the script included; the run saves, and the job stays cancelled."""
+    out = tmp_path / "run"
+    job_id = submit(cluster, tmp_path, "ddp", tiny_run(text_data, out, **{**RUN, "train.max_steps": LONGEST}))
+    cluster.wait_for(lambda: len(logged_steps(out)) >= 3, 180, "step 3")
+    cluster.run("scancel", job_id)
+    record = cluster.wait_done(job_id, 120)
+    assert (record["JobState"], record["Restarts"]) == ("CANCELLED", "0"), job_log(tmp_path, job_id)
+    [stopped_at] = stops(tmp_path, job_id)
+    assert (out / "checkpoints" / f"step-{stopped_at:06d}" / "trainer_state.json").is_file()
+    assert not (out / ".lock").exists()
 
 
 def test_a_job_warned_of_its_time_limit_saves_requeues_and_finishes_like_an_uninterrupted_run(cluster, one_node,
@@ -166,7 +201,7 @@ def test_a_job_warned_of_its_time_limit_saves_requeues_and_finishes_like_an_unin
     requeued(cluster, job_id, 1, time_limit="10")
     log = job_log(tmp_path, job_id)
     assert "USR1: stopping at the next step" in log, log
-    stopped_at = int(log.split("stopped by signal after step ")[1].split(";")[0])
+    [stopped_at] = stops(tmp_path, job_id)
     assert stopped_at < timed["train.max_steps"], log
 
     finished(cluster, tmp_path, job_id)
