@@ -184,7 +184,7 @@ PartitionName=urgent Nodes={','.join(self.nodes)} MaxTime=INFINITE State=UP Prio
 
     @staticmethod
     def _log(path: Path) -> str:
-        return path.read_text()[-3000:] if path.exists() else f"({path} missing)"
+        return path.read_text(errors="replace")[-3000:] if path.exists() else f"({path} missing)"
 
     # --- using it ---------------------------------------------------------------------------------
 

@@ -83,8 +83,10 @@ def submit(cluster, tmp_path, config: str, overrides: list[str], *sbatch_args: s
 
 
 def job_log(tmp_path, job_id: str) -> str:
+    """The job's output file. Both nodes' progress bars write into it at once and can split a
+    character's bytes: decode what is there, replacing what is not UTF-8."""
     path = tmp_path / f"slurm-{job_id}.out"
-    return path.read_text() if path.exists() else "(no output yet)"
+    return path.read_text(errors="replace") if path.exists() else "(no output yet)"
 
 
 def finished(cluster, tmp_path, job_id: str, timeout: float = 300) -> dict:
