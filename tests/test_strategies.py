@@ -173,7 +173,8 @@ def born_runs(text_data, tmp_path_factory):
         runs[name] = out = tmp_path_factory.mktemp(f"born_{name}")
         launch("toolkit.train", tiny_run(text_data, out, **{
             "model.name_or_path": "small-opt", "data.block_size": 32, "train.micro_batch_size": 1,
-            "train.max_steps": 1, "eval.every": 0, "eval.max_batches": 1}), config=name, extra=["--mixed_precision", "no"])
+            "train.max_steps": 1, "eval.every": 0, "eval.max_batches": 1, "checkpoint.max_shard_size": "20MB"}),
+            config=name, extra=["--mixed_precision", "no"])
     return runs
 
 
@@ -195,6 +196,20 @@ def test_a_sharded_strategy_never_holds_the_whole_model_on_a_rank(name, born_run
     # born sharded, from the same seed: the same initial model (the first loss, before any update)
     assert metrics(born_runs[name])[0][0]["loss"] == pytest.approx(metrics(born_runs["ddp"])[0][0]["loss"],
                                                                   rel=LOSS_RTOL)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("name", ["ddp", "zero3", "fsdp"])
+def test_the_export_gathers_one_parameter_at_a_time(name, born_runs):
+    """Writing final/ raises no rank's peak resident memory above its training peak by more than a
+    shard (20 MB here) and the parameter being gathered (4 MB); gathering the whole model first (308 MB
+    on rank 0, as accelerate's get_state_dict does) would. half the model lies between the two."""
+    whole_gb = runtime(born_runs["ddp"])["params_numel"] * 4 / 2**30
+    summary = json.loads((born_runs[name] / "summary.json").read_text())
+    for rank, (export, training) in enumerate(zip(summary["export_peak_mem_gb_per_rank"],
+                                                  summary["peak_mem_gb_per_rank"], strict=True)):
+        assert export - training < 0.5 * whole_gb, (name, rank, export, training, whole_gb)
+    assert len(list((born_runs[name] / "final").glob("model-*-of-*.safetensors"))) > 10  # in shards
 
 
 @pytest.mark.distributed

@@ -11,6 +11,7 @@ import ast
 import dataclasses
 import difflib
 import os
+import re
 import signal
 import sys
 import textwrap
@@ -203,6 +204,9 @@ class CheckpointConfig:
     export_dtype: str = "fp32"
     """fp32 | bf16 | fp16: dtype of the weights in final/ and toolkit.export (fp32: the optimizer's
     master weights, whatever the training precision; 16-bit halves the files)."""
+    max_shard_size: str = "2GB"
+    """Largest safetensors file in final/ and toolkit.export (Hugging Face's sharding and index): the
+    export gathers one parameter at a time and holds at most one such file beyond training memory."""
 
 
 @dataclass
@@ -434,6 +438,9 @@ def validate(cfg: RunConfig) -> None:
     if cfg.ddp.powersgd_start_step < 2:
         raise UserError(f"ddp.powersgd_start_step must be >= 2 (PowerSGD needs two uncompressed steps to start "
                         f"from), got {cfg.ddp.powersgd_start_step}")
+    if not re.fullmatch(r"\d+(\.\d+)?[KMGT]i?B", cfg.checkpoint.max_shard_size):
+        raise UserError(f"checkpoint.max_shard_size must be a size like 500MB or 2GB (GiB for powers of 2), "
+                        f"got {cfg.checkpoint.max_shard_size!r}")
     if cfg.lora.enabled and not cfg.lora.target_modules:
         raise UserError("lora.target_modules is empty: name the modules to adapt, e.g. q_proj,v_proj")
 

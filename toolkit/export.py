@@ -21,63 +21,168 @@ INFO_FILE = "export_info.json"
 
 
 def export_model(accelerator, model, tokenizer, out: str | Path, step: int, merge_lora: bool = False,
-                 dtype: str = "fp32") -> None:
-    """Write `out` as a Hugging Face model directory, whatever the strategy.
+                 dtype: str = "fp32", max_shard_size: str = "2GB") -> None:
+    """Write `out` as a Hugging Face model directory, whatever the strategy. All ranks: the weights
+    are gathered one parameter at a time and written by the main process as shards fill, so no
+    process holds more than a shard of the model beyond what it trains with."""
+    from .strategy import full_weights
 
-    All ranks call this: the full state dict of the master weights is gathered on the main process
-    only (the naive `save_pretrained` of a sharded model writes empty tensors)."""
-    from .strategy import master_state_dict
-
-    state_dict = master_state_dict(accelerator, model)  # all ranks
+    unwrapped = accelerator.unwrap_model(model)
+    names = None
+    if is_lora(unwrapped) and not merge_lora:  # an adapter alone: the frozen base is not gathered
+        names = {name for name, _ in unwrapped.named_parameters() if "lora_" in name}
+    weights = full_weights(accelerator, model, names)  # every rank drives it to the end, in step
     if accelerator.is_main_process:
-        write_hf_model(accelerator.unwrap_model(model), state_dict, tokenizer, Path(out), step, merge_lora, dtype)
+        write_hf_model(unwrapped, weights, tokenizer, Path(out), step, merge_lora, dtype, max_shard_size)
+    else:
+        for _ in weights:
+            pass
     accelerator.wait_for_everyone()
 
 
-def write_hf_model(model, state_dict: dict, tokenizer, out: Path, step: int, merge_lora: bool = False,
-                   dtype: str = "fp32") -> None:
-    """safetensors weights + config + tokenizer that plain transformers loads; for a LoRA model the
-    adapter (peft picks its weights out of the full state dict), and with `merge_lora` also
+def write_hf_model(model, weights, tokenizer, out: Path, step: int, merge_lora: bool = False, dtype: str = "fp32",
+                   max_shard_size: str = "2GB") -> None:
+    """safetensors weights + config + tokenizer that plain transformers loads, from `weights` ((name,
+    whole tensor) pairs, consumed once); for a LoRA model the adapter, and with `merge_lora` also
     `merged/`, a full model. The same files under every strategy: floats in `dtype` (fp32, bf16 or
-    fp16) and no second copy of a tied weight. INFO_FILE records the optimizer `step`."""
-    import torch
-
-    torch_dtype = getattr(torch, EXPORT_DTYPES[dtype])
-    # Gathered shards no longer share storage, so transformers' own check would keep the tied
-    # lm_head as a second copy of the embedding (FSDP): drop it by name; loading ties it again.
-    tied = getattr(model, "all_tied_weights_keys", None) or {}
-    weights = {k: v.to(torch_dtype) if v.is_floating_point() else v for k, v in state_dict.items() if k not in tied}
+    fp16), no second copy of a tied weight, shards of at most `max_shard_size` with Hugging Face's
+    index. INFO_FILE records the optimizer `step`."""
     with replaced_dir(out) as tmp:
-        model.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
-        _record_dtype(tmp, dtype)  # save_pretrained records the live model's dtype, not the files'
+        if is_lora(model):
+            adapter = {}
+            weights = _noting_adapter(weights, adapter)
+            if merge_lora:
+                write_weights(tmp / "merged", model.get_base_model(), merged_weights(model, weights), dtype,
+                              max_shard_size)
+                tokenizer.save_pretrained(tmp / "merged")
+            for _ in weights:  # what merging left (nothing) or, for an adapter alone, all of it
+                pass
+            # peft writes adapter_config.json and picks the adapter's tensors out of a state dict by name
+            model.save_pretrained(tmp, state_dict=_cast(adapter, dtype), safe_serialization=True)
+        else:
+            write_weights(tmp, model, weights, dtype, max_shard_size)
         tokenizer.save_pretrained(tmp)
         (tmp / INFO_FILE).write_text(json.dumps({"step": step}) + "\n")
-        if merge_lora:
-            merged = merged_model(model, state_dict, out).to(torch_dtype)
-            merged.save_pretrained(tmp / "merged", safe_serialization=True)
-            tokenizer.save_pretrained(tmp / "merged")
+
+
+def is_lora(model) -> bool:
+    return hasattr(model, "peft_config")
+
+
+def _noting_adapter(weights, adapter: dict):
+    """`weights` passed on, the adapter's (small) tensors also kept in `adapter`."""
+    for name, tensor in weights:
+        if "lora_" in name:
+            adapter[name] = tensor
+        yield name, tensor
+
+
+def write_weights(directory: Path, model, weights, dtype: str, max_shard_size: str) -> None:
+    """config.json, generation_config.json and the weights of a full transformers `model` in
+    safetensors files named as `save_pretrained` names them. Written by hand because
+    `save_pretrained` takes a whole state dict: here each shard is written as soon as it fills."""
+    from accelerate.utils import convert_file_size_to_int
+    from safetensors.torch import save_file
+
+    directory.mkdir(exist_ok=True)
+    torch_dtype = _torch_dtype(dtype)
+    limit = convert_file_size_to_int(max_shard_size)
+    # Tied weights (the lm_head) are the embedding: loading ties them again.
+    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+    shards, shard, size, total = [], {}, 0, 0
+
+    def write_shard():
+        shards.append((directory / f"shard-{len(shards)}.safetensors", list(shard)))
+        save_file(shard, shards[-1][0], metadata={"format": "pt"})
+        shard.clear()
+
+    for name, tensor in weights:
+        if name in tied:
+            continue
+        tensor = (tensor.to(torch_dtype) if tensor.is_floating_point() else tensor).contiguous()
+        nbytes = tensor.numel() * tensor.element_size()
+        if shard and size + nbytes > limit:
+            write_shard()
+            size = 0
+        shard[name] = tensor
+        size, total = size + nbytes, total + nbytes
+    write_shard()
+    _name_shards(directory, shards, total)
+
+    model.config.architectures = [type(model).__name__]
+    model.config.save_pretrained(directory)
+    _record_dtype(directory, dtype)  # the files', not the live model's
+    if model.can_generate() and model.generation_config is not None:
+        model.generation_config.save_pretrained(directory)
+
+
+def _name_shards(directory: Path, shards: list, total_size: int) -> None:
+    """One shard is model.safetensors; several are model-0000i-of-0000n.safetensors, with
+    model.safetensors.index.json saying which file holds each weight (what from_pretrained reads)."""
+    if len(shards) == 1:
+        shards[0][0].rename(directory / "model.safetensors")
+        return
+    weight_map = {}
+    for i, (path, names) in enumerate(shards, 1):
+        path.rename(directory / f"model-{i:05d}-of-{len(shards):05d}.safetensors")
+        weight_map.update(dict.fromkeys(names, f"model-{i:05d}-of-{len(shards):05d}.safetensors"))
+    index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def merged_weights(peft_model, weights):
+    """(name, tensor) of the base model with each adapter folded into its layer's weight, named as the
+    base model names them, from the LoRA model's stream. Written by hand because peft's
+    `merge_and_unload` merges a whole model in place: here one layer at a time, as its base weight and
+    its adapter pass (the update as peft computes it, B @ A x scaling)."""
+    from peft.utils import transpose
+
+    base = peft_model.get_base_model()
+    adapter = peft_model.active_adapter
+    waiting = {}  # layer -> its base weight and adapter matrices seen so far
+    for name, tensor in weights:
+        name = name.removeprefix("base_model.model.")
+        layer, part = _lora_part(name)
+        if part is None or part == "bias":
+            yield (name if part is None else f"{layer}.bias"), tensor
+            continue
+        parts = waiting.setdefault(layer, {})
+        parts[part] = tensor
+        if len(parts) == 3:
+            del waiting[layer]
+            lora = base.get_submodule(layer)
+            delta = transpose(parts["B"].float() @ parts["A"].float(), lora.fan_in_fan_out) * lora.scaling[adapter]
+            yield f"{layer}.weight", parts["weight"].float() + delta
+
+
+def _lora_part(name: str) -> tuple[str, str | None]:
+    """`layer.base_layer.weight` -> (layer, "weight"), `layer.lora_A.<adapter>.weight` -> (layer, "A"),
+    any other name -> (name, None)."""
+    if ".base_layer." in name:
+        layer, leaf = name.split(".base_layer.")
+        return layer, leaf
+    if ".lora_" in name:
+        layer, rest = name.split(".lora_")
+        return layer, rest[0]
+    return name, None
+
+
+def _torch_dtype(dtype: str):
+    import torch
+
+    return getattr(torch, EXPORT_DTYPES[dtype])
+
+
+def _cast(state_dict: dict, dtype: str) -> dict:
+    torch_dtype = _torch_dtype(dtype)
+    return {k: v.to(torch_dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
 
 
 def _record_dtype(directory: Path, dtype: str) -> None:
     config = directory / "config.json"
-    if config.is_file():
-        fields = json.loads(config.read_text())
-        fields["dtype"] = EXPORT_DTYPES[dtype]
-        config.write_text(json.dumps(fields, indent=2, sort_keys=True) + "\n")
-
-
-def merged_model(peft_model, state_dict: dict, source: Path):
-    """A fresh full model on CPU with the LoRA weights folded in (the live one may be sharded, so
-    it is rebuilt from the full state dict rather than merged in place)."""
-    import copy
-
-    from peft import get_peft_model
-    from transformers import OPTForCausalLM
-
-    base = OPTForCausalLM(copy.deepcopy(peft_model.base_model.model.config))
-    fresh = get_peft_model(base, copy.deepcopy(peft_model.peft_config["default"]))
-    checkpoint.load_weights(fresh, {k: v.float().cpu() for k, v in state_dict.items()}, source)
-    return fresh.merge_and_unload()
+    fields = json.loads(config.read_text())
+    fields["dtype"] = EXPORT_DTYPES[dtype]
+    config.write_text(json.dumps(fields, indent=2, sort_keys=True) + "\n")
 
 
 def main(argv=None) -> None:
@@ -87,14 +192,17 @@ def main(argv=None) -> None:
     parser.add_argument("--merge-lora", action="store_true", help="also write OUT/merged/ for a LoRA run")
     parser.add_argument("--dtype", choices=sorted(EXPORT_DTYPES),
                         help="dtype of the written weights (default: the run's checkpoint.export_dtype, fp32)")
+    parser.add_argument("--max-shard-size",
+                        help="largest safetensors file, e.g. 500MB (default: the run's checkpoint.max_shard_size)")
     args = parser.parse_args(argv)
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
         raise UserError(f"--out {out} exists and is not empty: choose a new directory")
     model, tokenizer, cfg = checkpoint.load_model(args.checkpoint)
     step = json.loads((Path(args.checkpoint) / checkpoint.STATE_FILE).read_text())["step"]
-    write_hf_model(model, model.state_dict(), tokenizer, out, step, merge_lora=args.merge_lora or cfg.lora.merge,
-                   dtype=args.dtype or cfg.checkpoint.export_dtype)
+    write_hf_model(model, model.named_parameters(), tokenizer, out, step, merge_lora=args.merge_lora or cfg.lora.merge,
+                   dtype=args.dtype or cfg.checkpoint.export_dtype,
+                   max_shard_size=args.max_shard_size or cfg.checkpoint.max_shard_size)
     print(f"exported {args.checkpoint} -> {out}")
 
 

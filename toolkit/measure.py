@@ -137,6 +137,12 @@ def reset_peak_memory() -> None:
         pass  # then each peak counts from the start of the process
 
 
+def peak_per_rank(accelerator) -> list[float]:
+    """All ranks: `peak_memory_gb` of rank 0, 1, ..."""
+    mine = torch.tensor([peak_memory_gb()], dtype=torch.float64, device=accelerator.device)
+    return [round(v, 3) for v in accelerator.gather(mine).cpu().tolist()]
+
+
 class MemoryAtStart:
     """What each rank holds before training, phase by phase: the peak while the model is built
     and placed (the whole model on every rank, unless the strategy builds it sharded), then the

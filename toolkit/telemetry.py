@@ -287,6 +287,14 @@ class Telemetry:
         }
 
 
+def add_to_summary(accelerator, out: Path, **fields) -> None:
+    """What is measured after the loop (the export's memory), added to summary.json by the main process."""
+    if accelerator.is_main_process:
+        path = out / "summary.json"
+        summary = json.loads(path.read_text()) if path.is_file() else {}
+        write_text(path, json.dumps({**summary, **fields}, indent=2) + "\n")
+
+
 def start_profiler(cfg: RunConfig, rank: int):
     """train.profile_steps: a running torch.profiler that skips PROFILE_WARMUP optimizer steps (the
     first records would show allocation and set-up, not the steady step), then records the next

@@ -132,8 +132,11 @@ def run(cfg: RunConfig, accelerator, stop) -> None:
     prepared = Prepared(model, optimizer, scheduler, train_loader, eval_loader, tokenizer, max_steps, flops)
     finished = train(cfg, accelerator, prepared, state, stop, resume_from)
     if finished:
+        measure.reset_peak_memory()
         export.export_model(accelerator, model, tokenizer, out / "final", state["step"],  # all ranks
-                            merge_lora=cfg.lora.merge, dtype=cfg.checkpoint.export_dtype)
+                            merge_lora=cfg.lora.merge, dtype=cfg.checkpoint.export_dtype,
+                            max_shard_size=cfg.checkpoint.max_shard_size)
+        telemetry.add_to_summary(accelerator, out, export_peak_mem_gb_per_rank=measure.peak_per_rank(accelerator))
         accelerator.print(f"saved {out / 'final'}")
     accelerator.wait_for_everyone()
     accelerator.end_training()

@@ -106,14 +106,32 @@ def checkpoint_layout(accelerator: Accelerator) -> str:
                                                                                       "full")
 
 
-def master_state_dict(accelerator: Accelerator, model) -> dict:
-    """All ranks: the trained weights as the optimizer holds them (fp32 masters), whole, on the main
-    process; named as the unwrapped model names them. No rank holds the whole model but the main.
-    (accelerate's `get_state_dict` gathers ZeRO-3 / FSDP shards; DeepSpeed's masters: zero.py.)"""
-    state_dict = accelerator.get_state_dict(model)
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        return zero.master_weights(accelerator, model, state_dict)
-    return state_dict
+def full_weights(accelerator: Accelerator, model, names=None):
+    """All ranks, in step: the trained weights one parameter at a time, as the optimizer holds them
+    (fp32 masters), whole on the main process (None on the others), named as the unwrapped model
+    names them; only `names` if given. A shared (tied) parameter comes once, under its first name.
+
+    A generator every rank must drive to the end: each parameter is one collective under ZeRO-3 and
+    FSDP, so no rank ever holds more of the model than one parameter beyond its shards (accelerate's
+    `get_state_dict` gathers the whole model on rank 0 first: 264 GB of fp32 at opt-66b)."""
+    from torch.distributed.tensor import DTensor
+
+    unwrapped = accelerator.unwrap_model(model)
+    running = accelerator.distributed_type
+    if running == DistributedType.DEEPSPEED:
+        # ZeRO-3 leaves prefetched parameters in flight and small ones gathered after a step: settle
+        # them all (partitioned, as gathering one at a time expects); nothing to do below stage 3.
+        model.empty_partition_cache()
+    for name, param in unwrapped.named_parameters():
+        if names is not None and name not in names:
+            continue
+        if running == DistributedType.DEEPSPEED:
+            full = zero.full_parameter(param)
+        elif isinstance(param, DTensor):  # FSDP2's shard
+            full = param.full_tensor()
+        else:
+            full = param.detach()
+        yield name, full.cpu() if accelerator.is_main_process else None
 
 
 def shard_before_optimizer(accelerator: Accelerator, model):

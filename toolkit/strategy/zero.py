@@ -110,20 +110,19 @@ def check_optimizer(accelerator, cfg: RunConfig) -> None:
                             f'set "{key}": "auto" there so the run config decides')
 
 
-def master_weights(accelerator, model, state_dict: dict) -> dict:
-    """Under bf16/fp16 `accelerator.get_state_dict` gives the engine's 16-bit working copies; the
-    fp32 masters sit in ZeRO's flat optimizer partitions: gathered here one parameter at a time
-    into `state_dict`, on the main process. All ranks."""
-    unwrapped = accelerator.unwrap_model(model)
-    if all(p.dtype == torch.float32 for p in unwrapped.parameters()):
-        return state_dict
+def full_parameter(param) -> torch.Tensor:
+    """All ranks: one whole parameter (an all-gather under ZeRO-3). Under bf16/fp16 the engine's
+    parameters are 16-bit working copies: a trained one's fp32 master sits in ZeRO's flat optimizer
+    partitions (`safe_get_full_fp32_param`); a frozen one has none."""
+    from deepspeed import zero
     from deepspeed.utils import safe_get_full_fp32_param
 
-    for name, param in unwrapped.named_parameters():
-        master = safe_get_full_fp32_param(param)  # all ranks (an all-gather); None for frozen weights
-        if master is not None and accelerator.is_main_process:
-            state_dict[name] = master.cpu()
-    return state_dict
+    if param.requires_grad and param.dtype != torch.float32:
+        return safe_get_full_fp32_param(param)
+    if hasattr(param, "ds_id"):  # a ZeRO-3 partition
+        with zero.GatheredParameters([param]):
+            return param.data.clone()
+    return param.detach()
 
 
 def json_scheduler(plugin) -> bool:
