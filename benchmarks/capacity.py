@@ -84,9 +84,8 @@ def run_candidate(name: str, shape: str, work: Path, text: Path, tokenizer: Path
               "max_total_gb": round(watch.max_total_gb, 2)}
     failed = watch.verdict or (f"exit {returncode}: " + " | ".join(
         (out / "launch.log").read_text(errors="replace").strip().splitlines()[-3:])[-300:] if returncode else None)
-    # summary.json is written when the steps are done, before final/ is exported (whose gather of
-    # the whole model on the main process is not what a strategy's training holds): a candidate
-    # that fails after it trained, with the export noted.
+    # summary.json is written when the steps are done, before final/ is exported: a candidate that
+    # fails after it trained, with the export noted.
     if failed and not (out / "summary.json").exists():
         return {**result, "trains": False, "why": failed}
     if failed:
@@ -102,6 +101,7 @@ def run_candidate(name: str, shape: str, work: Path, text: Path, tokenizer: Path
             "start_peak_gb": [max(a, b) for a, b in zip(start["model_built"], start["prepared"])],
             "before_model_gb": start["before_model"], "model_built_gb": start["model_built"],
             "training_peak_gb": summary["peak_mem_gb_per_rank"],
+            "export_peak_gb": summary.get("export_peak_mem_gb_per_rank"),
             "formula_gb": round(params * CANDIDATES[name][2](PROCESSES) / 2**30, 2)}
 
 
@@ -147,15 +147,17 @@ def capacity(names: list[str], shapes: list[str], work: Path, limit_gb: float, t
 
 def table(rows: list[dict]) -> str:
     lines = ["| strategy | shape | trains | params | formula GB/rank | peak at start GB (rank 0, 1) | "
-             "peak in training GB (rank 0, 1) | seconds |", "|---|---|---|---|---|---|---|---|"]
+             "peak in training GB (rank 0, 1) | peak in export GB (rank 0, 1) | seconds |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["trains"]:
             trains = f"yes; export {r['export']}" if "export" in r else "yes"
+            export = ", ".join(f"{v:.2f}" for v in r["export_peak_gb"]) if r.get("export_peak_gb") else "not measured"
             lines.append(f"| {r['strategy']} | {r['shape']} | {trains} | {r['params'] / 1e6:,.0f}M | {r['formula_gb']} | "
                          f"{', '.join(f'{v:.2f}' for v in r['start_peak_gb'])} | "
-                         f"{', '.join(f'{v:.2f}' for v in r['training_peak_gb'])} | {r['seconds']} |")
+                         f"{', '.join(f'{v:.2f}' for v in r['training_peak_gb'])} | {export} | {r['seconds']} |")
         else:
-            lines.append(f"| {r['strategy']} | {r['shape']} | **no**: {r['why']} | | | | | {r['seconds']} |")
+            lines.append(f"| {r['strategy']} | {r['shape']} | **no**: {r['why']} | | | | | | {r['seconds']} |")
     return "\n".join(lines)
 
 
@@ -177,6 +179,8 @@ def main(argv=None) -> None:
     parser.add_argument("--work", type=Path, help="scratch directory, also for the NVMe swap files "
                                                    "(default: a temporary one)")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--update", action="store_true",
+                        help="keep the rows of --json that this run does not measure again (same strategy and shape)")
     parser.add_argument("--results", type=Path, help="markdown file whose capacity section is rewritten")
     args = parser.parse_args(argv)
     work = args.work or Path(tempfile.mkdtemp(prefix="toolkit-capacity-"))
@@ -185,14 +189,20 @@ def main(argv=None) -> None:
     from report import write_capacity_section
     from run import machine
 
-    rows = []
+    rows = json.loads(args.json.read_text())["rows"] if args.update else []
+    commands = [*(json.loads(args.json.read_text()).get("commands", []) if args.update else []),
+                " ".join([Path(sys.executable).name, *sys.argv])]
     # The report is rewritten after every candidate: a run stopped early keeps what it measured.
     for row in capacity(args.strategies, args.shapes, work, args.memory_limit_gb, args.timeout_min * 60):
-        rows.append(row)
+        at = [i for i, r in enumerate(rows) if (r["strategy"], r["shape"]) == (row["strategy"], row["shape"])]
+        if at:
+            rows[at[0]] = row
+        else:
+            rows.append(row)
         result = {"rows": rows, "largest": largest(rows), "memory_limit_gb": args.memory_limit_gb,
                   "machine": f"{machine()}, {psutil.virtual_memory().total / 2**30:.0f} GiB",
                   "seconds": round(time.time() - started),
-                  "command": " ".join([Path(sys.executable).name, *sys.argv])}
+                  "command": commands[-1], "commands": commands}
         if args.json:
             args.json.write_text(json.dumps(result, indent=2) + "\n")
         if args.results:

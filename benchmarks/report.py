@@ -57,10 +57,12 @@ def write_capacity_section(r: dict, table: str, results_md: Path) -> None:
     begin, end = "<!-- capacity:begin (benchmarks/capacity.py writes this section) -->", "<!-- capacity:end -->"
     largest = ", ".join(f"{name} {shape.removeprefix('random-opt-')}" for name, shape in r["largest"].items())
     lines = [begin, "## Capacity: the largest model each strategy trains here", "",
-             f"`{r['command']}` ({r['seconds'] // 60} min), on {r['machine']}; each candidate killed above "
+             ", then ".join(f"`{c}`" for c in r.get("commands", [r["command"]]))
+             + f" (the last {r['seconds'] // 60} min), on {r['machine']}; each candidate killed above "
              f"{r['memory_limit_gb']} GB resident (all its processes together). 2 processes, micro batch 1 x 128, "
              "2 optimizer steps, fp32. Peaks are each rank's resident memory (VmHWM): at start = while the model "
-             "is built and `prepare`d, in training = from the first step on. The formula is the model states a "
+             "is built and `prepare`d, in training = from the first step on, in export = while `final/` is written "
+             "(a rank's training memory is still held then). The formula is the model states a "
              "rank holds by the ZeRO accounting (16 bytes per parameter, split as the strategy splits them); the "
              "rest is the process itself (about 0.5 GB of libraries), activations, gathered layers and buffers.", "",
              f"Largest that trains: {largest}.", "", *against_ddp(r["rows"]), table, end]
