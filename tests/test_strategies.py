@@ -28,19 +28,6 @@ ARGS = {"train.micro_batch_size": 2, "train.grad_accum_steps": 2, "checkpoint.ke
 # 4 steps that stays below 1e-5 relative in the loss and 1e-4 in the weights (measured ~1e-7 and
 # ~5e-7), while a normalisation or sync bug moves them by 1e-2 or more.
 LOSS_RTOL, WEIGHT_ATOL = 1e-5, 1e-4
-# Except after the restart from an NVMe-offloaded checkpoint: an uninterrupted zero3_nvme run
-# equals DDP to 1e-7, but DeepSpeed 0.19 restores only the weights exactly, not the swapped Adam
-# moments (measured after the restart: loss 4e-5 then 6e-4 relative, grad norm up to 3.3%, with
-# the model built whole; loss 1.1e-3 and grad norm 5.5% at the second step since it is born
-# partitioned by zero.Init). A known limit, stated in the README and warned
-# about on resume; the steps before the restart are still held to the tight bounds, and the
-# weights to what NVME_WEIGHTS says.
-RESUME_DRIFT = {"zero3_nvme": {"loss": 2e-3, "grad_norm": 1e-1}}
-# In units of ||what DDP's steps 3-4 moved the weights||, measured: ours moved 1.32 from the step-2
-# weights and ended 1.01 from DDP's final weights (the path of a barely restored optimizer). A run
-# that did not train after the restart would have moved 0; one that lost its weights would end
-# about 2 away (four steps' movement). A max-abs bound as loose as the drift would pass both.
-NVME_WEIGHTS = {"moved_at_least": 0.5, "drift_at_most": 1.5}
 
 
 def expected(name: str) -> dict:
@@ -77,14 +64,13 @@ def test_config_trains_resumes_and_exports_like_ddp(name, ddp_run, text_data, tm
     assert info["num_processes"] == 2 and info["mixed_precision"] == "no"
     assert {k: info[k] for k in expected(name)} == expected(name)
 
-    tight = {"loss": LOSS_RTOL, "grad_norm": 1e-3}
-    after_restart = {**tight, **RESUME_DRIFT.get(name, {})}
+    # Steps 3 and 4 follow the restart: its optimizer state must be restored as well as the weights
+    # (a zero3_nvme resume that restarted Adam's moments from zero was 6e-4 off in the loss, 3% in the norm).
     ours, ddp = metrics(out)[0], metrics(ddp_run)[0]
     assert [r["step"] for r in ours] == [1, 2, 3, 4]
     for a, b in zip(ddp, ours):
-        tol = after_restart if a["step"] > 2 else tight
-        assert b["loss"] == pytest.approx(a["loss"], rel=tol["loss"]), (name, a["step"])
-        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=tol["grad_norm"]), (name, a["step"])
+        assert b["loss"] == pytest.approx(a["loss"], rel=LOSS_RTOL), (name, a["step"])
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-3), (name, a["step"])
 
     # sharding is real: parameters (FSDP, ZeRO-3) and optimizer state (all) about halved per rank
     ddp_state = ddp[-1]["optim_state_numel"]
@@ -104,7 +90,7 @@ def test_config_trains_resumes_and_exports_like_ddp(name, ddp_run, text_data, tm
     if expected(name).get("offload_optimizer") == "nvme":  # DeepSpeed's zero_to_fp32 can't read swap files
         with pytest.raises(UserError, match="saved with NVMe offload"):
             export.main(step_4)
-        assert_drift_below_movement(ddp_run, out / "final")
+        assert_same_weights(ddp_run / "final", out / "final")
         return
     export.main(step_4)
     assert_same_weights(ddp_run / "final", out / "final", tmp_path / "exported")
@@ -136,20 +122,6 @@ def test_hsdp_trains_resumes_and_exports_like_ddp(text_data, tmp_path):
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-3), a["step"]
     export.main(["--checkpoint", str(out / "checkpoints" / "step-000004"), "--out", str(tmp_path / "exported")])
     assert_same_weights(ddp / "final", out / "final", tmp_path / "exported")
-
-
-def assert_drift_below_movement(ddp_run: Path, final: Path) -> None:
-    """The NVMe run trained after its restart from the step-2 weights, along a path near DDP's."""
-    before = load_file(ddp_run / "checkpoints" / "step-000002" / "model.safetensors")
-    after, ours = load_file(ddp_run / "final" / "model.safetensors"), load_file(final / "model.safetensors")
-    keys = sorted(set(ours) & set(after) & set(before))
-
-    def distance(a, b):
-        return torch.cat([(a[k] - b[k]).flatten() for k in keys]).norm()
-
-    movement = distance(after, before)
-    moved, drift = distance(ours, before) / movement, distance(ours, after) / movement
-    assert moved > NVME_WEIGHTS["moved_at_least"] and drift < NVME_WEIGHTS["drift_at_most"], (moved, drift)
 
 
 def assert_same_weights(reference_dir: Path, *dirs: Path, atol: float = WEIGHT_ATOL) -> None:

@@ -144,10 +144,11 @@ def check_resume(path: Path, cfg: RunConfig, num_processes: int, running_layout:
 def resume(accelerator, path: Path) -> None:
     """All ranks: restore model, optimizer, scheduler and RNG from `path`."""
     accelerator.load_state(str(path))
-    if (path / "pytorch_model" / "offloaded_tensors").is_dir():
-        accelerator.print(f"warning: {path} was saved with NVMe offload; DeepSpeed restores its weights but not "
-                          "its swapped optimizer moments exactly, so training continues on a nearby path, not the "
-                          "uninterrupted one (see docs/strategies.md)")
+    if (path / "pytorch_model" / "offloaded_tensors").is_dir():  # saved with NVMe optimizer offload
+        from .strategy import zero
+
+        zero.restore_swapped_optimizer_state(accelerator.deepspeed_engine_wrapped.engine, path / "pytorch_model",
+                                             accelerator.process_index)
 
 
 def set_aside_newer(path: Path, output_dir: str | Path) -> list[Path]:

@@ -125,6 +125,38 @@ def full_parameter(param) -> torch.Tensor:
     return param.detach()
 
 
+def restore_swapped_optimizer_state(engine, saved: Path, rank: int) -> None:
+    """All ranks, after `load_state` of a checkpoint saved with NVMe optimizer offload (`saved`: its
+    pytorch_model/ folder).
+
+    DeepSpeed 0.19 copies the checkpoint's swap files (fp32 partition, exp_avg, exp_avg_sq) back into
+    its swap folder but skips the optimizer's state dict there: each swapped sub-group's Adam state is
+    empty, so the next step restarts the moments from zero at step 1 (and overwrites the copied files).
+    Here each sub-group gets its saved step count, and its moments are registered with the swapper
+    under the names of the copied files, so the next swap-in reads them. Sub-groups too small to swap
+    get their in-memory state and fp32 partition back from the checkpoint."""
+    zero3 = engine.optimizer
+    (path,) = saved.glob(f"*zero_pp_rank_{rank}_mp_rank_00_optim_states.pt")
+    # DeepSpeed's own pickle of this run's optimizer; its loader reads it the same way
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+    states = checkpoint["optimizer_state_dict"]["state"]
+    # torch numbers states in param-group order, where DeepSpeed put each sub-group's fp32 partition
+    in_saved_order = sorted(range(len(zero3.fp32_partitioned_groups_flat)), key=lambda i: zero3.sub_group_to_group_id[i])
+    zero3.optimizer_swapper.purge_state()  # forget the (empty) states it knew
+    for index, sub_group in enumerate(in_saved_order):
+        fp32 = zero3.fp32_partitioned_groups_flat[sub_group]
+        state = zero3.optimizer.state[fp32]
+        if not zero3._swappable_optimizer_subgroup(sub_group):
+            fp32.data.copy_(checkpoint["fp32_flat_groups"][sub_group])
+            state.update(states[index])
+            continue
+        numel = zero3.fp16_partitioned_groups_flat_numel[sub_group]
+        for key, value in states[index].items():
+            # a moment is a stand-in of the partition's size that holds no memory: the swap-in gives it its buffer
+            state[key] = torch.empty(1, dtype=fp32.dtype).expand(numel) if torch.is_tensor(value) else value
+        zero3.optimizer_swapper._get_param_swap_info(fp32)  # registers them: exp_avg-<id>.tensor.swp, the copied files
+
+
 def json_scheduler(plugin) -> bool:
     """Whether a DeepSpeed JSON defines the LR schedule (a "scheduler" section; optim.name=deepspeed only)."""
     return "scheduler" in plugin.deepspeed_config
