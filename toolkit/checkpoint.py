@@ -189,16 +189,15 @@ def run_model(step_dir: Path):
     return model, tokenizer, cfg
 
 
-def consolidated_state_dict(step_dir: Path) -> dict:
-    """The full fp32 state dict of the trained module, gathered on CPU from whatever shards it was saved in."""
+def consolidated_state_dict(step_dir: Path, model) -> dict:
+    """The full fp32 state dict of the trained module, gathered on CPU from whatever shards it was
+    saved in (`model`: the run's untrained model, whose parameter order names NVMe swap files)."""
     from safetensors.torch import load_file
 
     kind = layout(step_dir)
     if kind == "deepspeed":
         if (step_dir / "pytorch_model" / "offloaded_tensors").is_dir():
-            raise UserError(f"{step_dir} was saved with NVMe offload: its fp32 weights sit in DeepSpeed swap files "
-                            "that zero_to_fp32 cannot read; use the run's final/, or evaluate the checkpoint under "
-                            "the same zero3_nvme launch")
+            return _nvme_state_dict(step_dir / "pytorch_model", [name for name, _ in model.named_parameters()])
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
         return get_fp32_state_dict_from_zero_checkpoint(str(step_dir), tag="pytorch_model")
     if kind == "fsdp":
@@ -209,6 +208,40 @@ def consolidated_state_dict(step_dir: Path) -> dict:
             merge_fsdp_weights(str(step_dir / "pytorch_model_fsdp_0"), tmp, safe_serialization=True)
             return load_file(Path(tmp) / "model.safetensors")
     return load_file(step_dir / "model.safetensors")
+
+
+def _nvme_state_dict(saved: Path, parameter_order: list[str]) -> dict:
+    """A ZeRO-3 checkpoint saved with NVMe optimizer offload, consolidated as `zero_to_fp32` does
+    otherwise. Its fp32 partitions are not in the optimizer files (DeepSpeed leaves them empty there)
+    but in each rank's swap files, offloaded_tensors/rank<r>/<first>_<last>.tensor.swp per optimizer
+    sub-group, named by the ZeRO ids of the sub-group's first and last parameter (their positions
+    in the model's parameter order); each file holds the rank's partition, padded for aligned I/O.
+    Written by hand because zero_to_fp32 does not read swap files; the consolidation is its own."""
+    import math
+
+    import torch
+    from deepspeed.utils import zero_to_fp32
+
+    model_states = zero_to_fp32.parse_model_states(zero_to_fp32.get_model_state_files(str(saved)))
+    world_size = len(zero_to_fp32.get_optim_files(str(saved)))
+    ranks = sorted((saved / "offloaded_tensors").iterdir(), key=lambda folder: int(folder.name.removeprefix("rank")))
+    if len(ranks) != world_size:
+        raise UserError(f"{saved.parent} has swap files of {len(ranks)} ranks for {world_size} optimizer files: "
+                        "the checkpoint is incomplete; pick another one")
+    zero_id = {name: i for i, name in enumerate(parameter_order)}
+    flat_groups = [[] for _ in ranks]
+    for sub_group in model_states[0].param_shapes:  # the optimizer's sub-groups, in the optimizer files' order
+        names = list(sub_group)
+        numel = sum(math.ceil(shape.numel() / world_size) for shape in sub_group.values())
+        for rank, folder in enumerate(ranks):
+            path = folder / f"{zero_id[names[0]]}_{zero_id[names[-1]]}.tensor.swp"
+            if not path.is_file() or path.stat().st_size < numel * 4:
+                raise UserError(f"{path} is missing or short: {saved.parent} is not a complete NVMe checkpoint of "
+                                "this model; pick another checkpoint")
+            flat_groups[rank].append(torch.from_file(str(path), size=numel, dtype=torch.float32))
+    state_dict = zero_to_fp32._get_fp32_state_dict_from_zero3_checkpoint(
+        world_size, flat_groups, model_states, exclude_frozen_parameters=False)
+    return zero_to_fp32.to_torch_tensor(state_dict)
 
 
 def load_weights(model, state_dict: dict, source: Path) -> None:
@@ -225,7 +258,7 @@ def load_model(step_dir: str | Path):
     """(trained model, tokenizer, run config) on CPU from a resumable checkpoint of any strategy."""
     step_dir = Path(step_dir)
     model, tokenizer, cfg = run_model(step_dir)
-    load_weights(model, consolidated_state_dict(step_dir), step_dir)
+    load_weights(model, consolidated_state_dict(step_dir, model), step_dir)
     return model, tokenizer, cfg
 
 

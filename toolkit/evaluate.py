@@ -151,7 +151,7 @@ def load_target(accelerator, target: Target, base: str | None):
         model, tokenizer, _ = checkpoint_lib.run_model(target.path)
         sharded_here = checkpoint_lib.layout(target.path) == strategy.checkpoint_layout(accelerator) != "full"
         if not sharded_here:
-            checkpoint_lib.load_weights(model, checkpoint_lib.consolidated_state_dict(target.path), target.path)
+            checkpoint_lib.load_weights(model, checkpoint_lib.consolidated_state_dict(target.path, model), target.path)
         return model, tokenizer, sharded_here
     try:
         tokenizer = AutoTokenizer.from_pretrained(target.path)
