@@ -57,8 +57,6 @@ def fill_config(plugin, cfg: RunConfig, num_processes: int) -> None:
         for key in ("stage3_max_live_parameters", "stage3_max_reuse_distance"):
             if zero.get(key) == "auto":
                 zero[key] = 2 * layer_numel(cfg.model)
-    # Exporting a consolidated model under ZeRO-3 needs the weights gathered on save.
-    zero["stage3_gather_16bit_weights_on_model_save"] = True
     for offload in ("offload_param", "offload_optimizer"):
         section = zero.get(offload) or {}
         if section.get("device") == "nvme" and section.get("nvme_path") in (None, "auto", "none"):
