@@ -95,3 +95,22 @@ def test_everything_is_fsynced_before_it_is_published_and_the_parent_after(tmp_p
     files.write_text(tmp_path / "summary.json", "{}")
     assert events == [("fsync", str(tmp_path / "summary.json.tmp")), ("rename", str(tmp_path / "summary.json")),
                       ("fsync", str(tmp_path))]
+
+
+@pytest.mark.parametrize("umask, expected", [(0o022, 0o644), (0o027, 0o640), (0o077, 0o600)])
+def test_published_files_are_readable_as_the_umask_allows(tmp_path, umask, expected):
+    """safetensors writes its files 0600: a model published for a group must be readable by it."""
+    import stat
+
+    before = os.umask(umask)
+    try:
+        with files.replaced_dir(tmp_path / "final") as tmp:
+            weights = tmp / "model.safetensors"
+            weights.write_bytes(b"w")
+            weights.chmod(0o600)
+            (tmp / "sub").mkdir()
+            (tmp / "sub" / "tokenizer.json").write_text("{}")
+    finally:
+        os.umask(before)
+    for path in (tmp_path / "final" / "model.safetensors", tmp_path / "final" / "sub" / "tokenizer.json"):
+        assert stat.S_IMODE(path.stat().st_mode) == expected, (path, oct(path.stat().st_mode))

@@ -47,6 +47,7 @@ def scratch_dir(final: Path) -> Path:
 def publish_dir(tmp: Path, final: Path) -> None:
     """`tmp`, complete, becomes `final`; an older `final` is replaced whole, with no moment
     where the name is missing (where the filesystem can swap two names)."""
+    readable_as_umask_allows(tmp)
     fsync_tree(tmp)
     if final.exists() and _exchange(tmp, final):
         fsync(final.parent)
@@ -102,6 +103,18 @@ def fsync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def readable_as_umask_allows(root: Path) -> None:
+    """Every file under `root` readable by whom the process's umask lets read a new file: safetensors
+    creates its files 0600, which keeps a model on a shared filesystem from the user's group."""
+    umask = os.umask(0)
+    os.umask(umask)  # (reading the umask means setting it)
+    for folder, _, names in os.walk(root):
+        for name in names:
+            path = os.path.join(folder, name)
+            if not os.path.islink(path):
+                os.chmod(path, os.stat(path).st_mode & 0o7777 | (0o444 & ~umask))
 
 
 def fsync_tree(root: Path) -> None:
