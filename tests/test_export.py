@@ -69,3 +69,17 @@ def test_a_merge_layer_by_layer_equals_peft_merge_and_unload(tokenizer, tmp_path
 def test_a_shard_size_that_is_not_one_is_refused_at_start():
     with pytest.raises(UserError, match="checkpoint.max_shard_size must be a size like"):
         config_lib.load(None, ["data.train=x.jsonl", "checkpoint.max_shard_size=2 gigs"])
+
+
+def test_the_exported_tokenizer_carries_no_machine_local_keys(tokenizer, tmp_path):
+    """transformers 5 records how it found a tokenizer (is_local, local_files_only) in init_kwargs and
+    saves them; a model directory copied to another machine must not say where it was loaded from."""
+    from transformers import AutoTokenizer
+
+    tokenizer.save_pretrained(tmp_path / "here")
+    loaded = AutoTokenizer.from_pretrained(tmp_path / "here")  # now knows it is local
+    model = tiny_opt()
+    export.write_hf_model(model, model.named_parameters(), loaded, tmp_path / "out", step=1)
+    fields = json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())
+    assert not set(fields) & {"is_local", "local_files_only"}, fields
+    assert AutoTokenizer.from_pretrained(tmp_path / "out")("a small text").input_ids == loaded("a small text").input_ids

@@ -77,7 +77,9 @@ def save(accelerator, cfg: RunConfig, trainer_state: dict, keep: Path | None = N
             (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
             config_lib.save(cfg, tmp / "config.yaml")
             if tokenizer is not None:
-                tokenizer.save_pretrained(tmp / "tokenizer")
+                from .model import save_tokenizer
+
+                save_tokenizer(tokenizer, tmp / "tokenizer")
             publish_dir(tmp, final)  # the same step saved again after a resume is replaced whole
             if cfg.checkpoint.keep_last:
                 for old in checkpoint_dirs(root)[:-cfg.checkpoint.keep_last]:

@@ -47,6 +47,8 @@ def write_hf_model(model, weights, tokenizer, out: Path, step: int, merge_lora: 
     `merged/`, a full model. The same files under every strategy: floats in `dtype` (fp32, bf16 or
     fp16), no second copy of a tied weight, shards of at most `max_shard_size` with Hugging Face's
     index. INFO_FILE records the optimizer `step`."""
+    from .model import save_tokenizer
+
     with replaced_dir(out) as tmp:
         if is_lora(model):
             adapter = {}
@@ -54,14 +56,14 @@ def write_hf_model(model, weights, tokenizer, out: Path, step: int, merge_lora: 
             if merge_lora:
                 write_weights(tmp / "merged", model.get_base_model(), merged_weights(model, weights), dtype,
                               max_shard_size)
-                tokenizer.save_pretrained(tmp / "merged")
+                save_tokenizer(tokenizer, tmp / "merged")
             for _ in weights:  # what merging left (nothing) or, for an adapter alone, all of it
                 pass
             # peft writes adapter_config.json and picks the adapter's tensors out of a state dict by name
             model.save_pretrained(tmp, state_dict=_cast(adapter, dtype), safe_serialization=True)
         else:
             write_weights(tmp, model, weights, dtype, max_shard_size)
-        tokenizer.save_pretrained(tmp)
+        save_tokenizer(tokenizer, tmp)
         (tmp / INFO_FILE).write_text(json.dumps({"step": step}) + "\n")
 
 

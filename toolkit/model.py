@@ -41,8 +41,24 @@ def build_tokenizer(cfg: ModelConfig, texts: Iterable[str] | None = None, cache_
         raise UserError(f"preset {cfg.name_or_path} needs training text to build its tokenizer")
     tokenizer = train_bpe_tokenizer(texts, vocab_size=PRESETS[cfg.name_or_path]["vocab_size"])
     if cache_dir is not None:
-        tokenizer.save_pretrained(cache_dir)
+        save_tokenizer(tokenizer, cache_dir)
     return tokenizer
+
+
+# How transformers found a tokenizer on this machine (recorded in init_kwargs since v5), not what it is:
+# kept in a saved tokenizer_config.json, they travel to every machine the directory is copied to.
+LOADER_KEYS = ("is_local", "local_files_only", "cache_dir", "token", "_commit_hash")
+
+
+def save_tokenizer(tokenizer, directory: str | Path) -> None:
+    """`tokenizer.save_pretrained(directory)` without the loader's machine-local keys."""
+    import json
+
+    tokenizer.save_pretrained(directory)
+    config = Path(directory) / "tokenizer_config.json"
+    fields = json.loads(config.read_text())
+    config.write_text(json.dumps({k: v for k, v in fields.items() if k not in LOADER_KEYS}, indent=2,
+                                 ensure_ascii=False) + "\n")
 
 
 def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
