@@ -297,6 +297,8 @@ def test_lora_trains_only_adapters_and_exports_them_under_sharding(config, text_
     assert lora_b and all(v.numel() > 0 for v in adapter.values())  # the naive save writes empty tensors
     assert all(v.abs().max() > 0 for v in lora_b)  # B starts at zero: non-zero means it trained
     assert json.loads((out / "final" / "adapter_config.json").read_text())["r"] == 4
+    card = (out / "final" / "README.md").read_text()  # the toolkit's model card, with the run's evaluations
+    assert "for 4 optimizer steps with LoRA (r=4" in card and "| 4 |" in card and "PeftModel" in card
 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -20,7 +20,7 @@ EXPORT_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 INFO_FILE = "export_info.json"
 
 
-def export_model(accelerator, model, tokenizer, out: str | Path, step: int, merge_lora: bool = False,
+def export_model(accelerator, model, tokenizer, out: str | Path, step: int, card: str, merge_lora: bool = False,
                  dtype: str = "fp32", max_shard_size: str = "2GB") -> None:
     """Write `out` as a Hugging Face model directory, whatever the strategy. All ranks: the weights
     are gathered one parameter at a time and written by the main process as shards fill, so no
@@ -33,20 +33,20 @@ def export_model(accelerator, model, tokenizer, out: str | Path, step: int, merg
         names = {name for name, _ in unwrapped.named_parameters() if "lora_" in name}
     weights = full_weights(accelerator, model, names)  # every rank drives it to the end, in step
     if accelerator.is_main_process:
-        write_hf_model(unwrapped, weights, tokenizer, Path(out), step, merge_lora, dtype, max_shard_size)
+        write_hf_model(unwrapped, weights, tokenizer, Path(out), step, card, merge_lora, dtype, max_shard_size)
     else:
         for _ in weights:
             pass
     accelerator.wait_for_everyone()
 
 
-def write_hf_model(model, weights, tokenizer, out: Path, step: int, merge_lora: bool = False, dtype: str = "fp32",
-                   max_shard_size: str = "2GB") -> None:
+def write_hf_model(model, weights, tokenizer, out: Path, step: int, card: str, merge_lora: bool = False,
+                   dtype: str = "fp32", max_shard_size: str = "2GB") -> None:
     """safetensors weights + config + tokenizer that plain transformers loads, from `weights` ((name,
     whole tensor) pairs, consumed once); for a LoRA model the adapter, and with `merge_lora` also
     `merged/`, a full model. The same files under every strategy: floats in `dtype` (fp32, bf16 or
     fp16), no second copy of a tied weight, shards of at most `max_shard_size` with Hugging Face's
-    index. INFO_FILE records the optimizer `step`."""
+    index; `card` is its README.md (card.model_card). INFO_FILE records the optimizer `step`."""
     from .model import save_tokenizer
 
     with replaced_dir(out) as tmp:
@@ -64,6 +64,7 @@ def write_hf_model(model, weights, tokenizer, out: Path, step: int, merge_lora: 
         else:
             write_weights(tmp, model, weights, dtype, max_shard_size)
         save_tokenizer(tokenizer, tmp)
+        (tmp / "README.md").write_text(card)  # (replaces peft's template for an adapter)
         (tmp / INFO_FILE).write_text(json.dumps({"step": step}) + "\n")
 
 
@@ -200,9 +201,13 @@ def main(argv=None) -> None:
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
         raise UserError(f"--out {out} exists and is not empty: choose a new directory")
+    from .card import model_card
+
     model, tokenizer, cfg = checkpoint.load_model(args.checkpoint)
     step = json.loads((Path(args.checkpoint) / checkpoint.STATE_FILE).read_text())["step"]
-    write_hf_model(model, model.named_parameters(), tokenizer, out, step, merge_lora=args.merge_lora or cfg.lora.merge,
+    card = model_card(cfg, step, Path(args.checkpoint).parent.parent / "metrics.jsonl", adapter=cfg.lora.enabled)
+    write_hf_model(model, model.named_parameters(), tokenizer, out, step, card,
+                   merge_lora=args.merge_lora or cfg.lora.merge,
                    dtype=args.dtype or cfg.checkpoint.export_dtype,
                    max_shard_size=args.max_shard_size or cfg.checkpoint.max_shard_size)
     print(f"exported {args.checkpoint} -> {out}")

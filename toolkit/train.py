@@ -59,6 +59,7 @@ def run(cfg: RunConfig, accelerator, stop) -> None:
     from accelerate.utils import set_seed
 
     from . import checkpoint, cpu as cpu_lib, data, export, job, measure, strategy, telemetry
+    from .card import model_card
     from .loss import fuse_head_and_loss
     from .model import apply_lora, build_model, build_tokenizer, initialize_weights, is_preset, model_config
     from .optim import build_optimizer, build_scheduler
@@ -133,7 +134,8 @@ def run(cfg: RunConfig, accelerator, stop) -> None:
     finished = train(cfg, accelerator, prepared, state, stop, resume_from)
     if finished:
         measure.reset_peak_memory()
-        export.export_model(accelerator, model, tokenizer, out / "final", state["step"],  # all ranks
+        card = model_card(cfg, state["step"], out / "metrics.jsonl", adapter=cfg.lora.enabled)
+        export.export_model(accelerator, model, tokenizer, out / "final", state["step"], card,  # all ranks
                             merge_lora=cfg.lora.merge, dtype=cfg.checkpoint.export_dtype,
                             max_shard_size=cfg.checkpoint.max_shard_size)
         telemetry.add_to_summary(accelerator, out, export_peak_mem_gb_per_rank=measure.peak_per_rank(accelerator))
