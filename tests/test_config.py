@@ -89,3 +89,15 @@ def test_one_value_is_printed_for_job_scripts(tmp_path, capsys):
     assert capsys.readouterr().out.split() == ["runs/b", "7"]
     with pytest.raises(UserError, match="train.nope is not a config key"):
         config.main(["--config", str(tmp_path / "run.yaml"), "--get", "train.nope"])
+
+
+def test_a_flag_for_a_run_config_key_names_the_override_to_write():
+    from toolkit.train import parse_args
+
+    with pytest.raises(UserError) as error:
+        parse_args(["--config", "examples/x.yaml", "--max_steps", "10", "--lr=3e-4", "data.train=a.jsonl"])
+    message = str(error.value)
+    assert message.startswith("unrecognized arguments: --max_steps --lr=3e-4;") and "\n" not in message
+    assert message.endswith("write train.max_steps=10 optim.lr=3e-4")
+    with pytest.raises(UserError, match="see --help for the keys"):
+        parse_args(["--no-such-thing"])

@@ -312,6 +312,24 @@ def help_text(width: int = 100) -> str:
     return "\n".join(lines)
 
 
+def unknown_flags(unknown: list[str], argv: list[str]) -> str:
+    """The error for command-line flags the toolkit does not take (`--max_steps 10`): run config keys
+    are `key=value` overrides, so name the key each flag most likely meant (its value: what followed
+    it in `argv`)."""
+    keys = [key for key, _ in _keys(RunConfig(), "")]
+    flags = [a for a in unknown if a.startswith("-")] or unknown
+    hints = []
+    for flag in (a for a in flags if a.startswith("--")):
+        name, _, value = flag[2:].partition("=")
+        after = argv[argv.index(flag) + 1:argv.index(flag) + 2]
+        value = value or (after[0] if after and not after[0].startswith("-") and "=" not in after[0] else "VALUE")
+        meant = [k for k in keys if k.rsplit(".", 1)[-1] == name.replace("-", "_")]
+        if meant:
+            hints.append(f"{meant[0]}={value}")
+    return (f"unrecognized arguments: {' '.join(flags)}; run config keys are key=value overrides, not flags: "
+            + (f"write {' '.join(hints)}" if hints else "see --help for the keys"))
+
+
 def _keys(obj, prefix: str):
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
