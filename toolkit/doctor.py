@@ -215,7 +215,8 @@ def check_strategy(report: Report, accelerator, cfg: RunConfig) -> None:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="toolkit.doctor", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="toolkit.doctor", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", default="runs", help="where runs will write (checked for space)")
     parser.add_argument("--timeout", type=float, default=60.0,
                         help="seconds to wait for every process to join, for any collective and for a build lock")

@@ -1,8 +1,13 @@
-"""Hugging Face model directories from a trained model: `final/` at the end of training
-(`export_model`, all ranks, whatever the strategy), and from a resumable checkpoint of any strategy,
-offline: `python -m toolkit.export --checkpoint RUN/checkpoints/step-000200 --out DIR` (one process,
-no GPU). The checkpoint's layout tells which strategy wrote it (`checkpoint.layout`); its shards
-are consolidated on CPU. LoRA runs write the adapter, and with `merge` a merged full model.
+"""Hugging Face model directories from a trained model, whatever the strategy: `final/` at the end of
+training, and offline from a resumable checkpoint of any strategy (ZeRO and FSDP shards, NVMe swap
+files; one process, no GPU):
+
+    python -m toolkit.export --checkpoint RUN/checkpoints/step-000200 --out DIR [--dtype bf16] [--merge-lora]
+
+The directory holds safetensors shards (with Hugging Face's index), config, tokenizer, a model card
+(README.md) and export_info.json; a LoRA run's holds the adapter, and with merging also merged/, a
+full model. At the end of training all ranks gather the weights one parameter at a time
+(`export_model`), so no rank ever holds the whole model.
 """
 
 from __future__ import annotations
@@ -189,7 +194,8 @@ def _record_dtype(directory: Path, dtype: str) -> None:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="toolkit.export", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="toolkit.export", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="a checkpoints/step-N directory of any strategy")
     parser.add_argument("--out", required=True, help="directory to write the Hugging Face model to")
     parser.add_argument("--merge-lora", action="store_true", help="also write OUT/merged/ for a LoRA run")
