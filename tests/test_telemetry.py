@@ -245,6 +245,8 @@ def test_run_reports_tokens_mfu_summary_curves_and_tensorboard(one_process, spli
     assert summary["input_tokens"] == sum(r["input_tokens"] for r in train) < summary["padded_tokens"]
     assert summary["final_loss"] == train[-1]["loss"]
     assert summary["best_eval_perplexity"] == min(r["eval_perplexity"] for r in evals)
+    assert {k: summary[f"final_{k}"] for k in ("eval_loss", "eval_perplexity")} == {
+        k: evals[-1][k] for k in ("eval_loss", "eval_perplexity")}
     assert 0 < summary["mfu"] <= 1 and summary["tokens_per_s"] > 0 and summary["peak_mem_gb"] > 0
     assert "summary: step 72/72, " in proc.stdout
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -279,6 +279,8 @@ class Telemetry:
             "final_loss": train[-1]["loss"] if train else None,
             "best_eval_perplexity": best["eval_perplexity"] if best else None,
             "best_eval_step": best["step"] if best else None,
+            # the last evaluation's metrics (eval_loss, eval_perplexity, ... as in metrics.jsonl)
+            **({f"final_{k}": v for k, v in evals[-1].items() if k.startswith("eval_")} if evals else {}),
             "peak_mem_gb": round(max(t["peak_mem_gb"], peak_memory_gb()), 3),
             "peak_mem_gb_per_rank": [round(v, 3) for v in self.peak_per_rank],
             # this session's bytes sent by this rank through the strategy's collectives (comm.py)
