@@ -2,8 +2,10 @@
 crash, with another process count, from a path, across an epoch boundary; checkpoint keeping;
 export; bad input; the README's demo."""
 
+import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -12,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, Job, fake_accelerator, launch, logged_steps, metrics, runtime, tiny_run
+from conftest import ACCELERATE_CONFIGS, ROOT, Job, fake_accelerator, launch, logged_steps, metrics, runtime, tiny_run
 from toolkit import checkpoint, config as config_lib
 from toolkit.config import UserError
 from toolkit.telemetry import trim_metrics
@@ -51,6 +53,13 @@ def test_ddp_runs_two_synchronised_processes(ddp_resumed_run):
     info = runtime(ddp_resumed_run)
     assert info["num_processes"] == 2 and info["distributed_type"] == "MULTI_CPU"
     assert info["global_batch_size"] == 8 and info["mixed_precision"] == "no"
+    # how it was started: the launch command, the accelerate config and its content, the code's commit
+    assert info["launch_command"].startswith("accelerate launch --config_file ") and "resume=auto" in info["launch_command"]
+    ddp_yaml = ACCELERATE_CONFIGS / "ddp.yaml"
+    assert info["accelerate_config"] == str(ddp_yaml.resolve())
+    assert info["accelerate_config_sha256"] == hashlib.sha256(ddp_yaml.read_bytes()).hexdigest()
+    if (ROOT / ".git").exists():
+        assert re.fullmatch(r"[0-9a-f]{40}(\+dirty)?", info["git_commit"])
 
 
 @pytest.mark.distributed

@@ -74,10 +74,10 @@ class Requested:
 
 
 @functools.cache
-def launched_processes() -> int | None:
-    """The process count (all machines) of the `accelerate launch` command this process runs under:
-    its command line, else its config file, else accelerate's default config. None when no such
-    command is among this process's ancestors (plain python, torchrun, srun) or it names no count."""
+def _launch_command():
+    """(arguments after `launch`, accelerate's parse of them, the config file it reads) of the
+    `accelerate launch` command this process runs under; None when no such command is among this
+    process's ancestors (plain python, torchrun, srun) or accelerate's parser refuses it."""
     argv = _accelerate_launch_argv(os.getpid())
     if argv is None:
         return None
@@ -88,14 +88,55 @@ def launched_processes() -> int | None:
         args, _ = launch_command_parser().parse_known_args(argv)
     except SystemExit:  # a command line accelerate itself accepted; don't fail on a newer flag
         return None
+    config_file = args.config_file or (default_config_file if Path(default_config_file).is_file() else None)
+    return argv, args, config_file
+
+
+def launched_processes() -> int | None:
+    """The process count (all machines) of the `accelerate launch` command this process runs under:
+    its command line, else its config file, else accelerate's default config; None without one."""
+    command = _launch_command()
+    if command is None:
+        return None
+    _, args, config_file = command
     if args.num_processes is not None:
         return int(args.num_processes)
-    config_file = args.config_file or (default_config_file if Path(default_config_file).is_file() else None)
     try:
         processes = (yaml.safe_load(Path(config_file).read_text()) or {}).get("num_processes") if config_file else None
     except (OSError, yaml.YAMLError):
         return None
     return int(processes) if processes is not None else None
+
+
+def launch_record() -> dict:
+    """What a run records of how it was started: the launch command (`accelerate launch ...`, else
+    this process's own), the accelerate config file and the SHA-256 of its content, and the git
+    commit of the toolkit's source when it runs from a checkout (with `+dirty` for local changes)."""
+    import hashlib
+    import shlex
+    import subprocess
+    import sys
+
+    command = _launch_command()
+    record = {"launch_command": "accelerate launch " + shlex.join(command[0]) if command
+              else shlex.join([Path(sys.executable).name, *sys.argv])}
+    config_file = command[2] if command else None
+    if config_file and Path(config_file).is_file():
+        record["accelerate_config"] = str(Path(config_file).resolve())
+        record["accelerate_config_sha256"] = hashlib.sha256(Path(config_file).read_bytes()).hexdigest()
+    source = Path(__file__).resolve().parents[1]
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(source), *args], capture_output=True, text=True, timeout=10,
+                              check=True).stdout.strip()
+
+    if (source / ".git").exists():  # a checkout (an installed package has no commit of its own)
+        try:
+            dirty = git("status", "--porcelain", "--", "toolkit")
+            record["git_commit"] = git("rev-parse", "HEAD") + ("+dirty" if dirty else "")
+        except (OSError, subprocess.SubprocessError):  # no git on this machine
+            pass
+    return record
 
 
 def _accelerate_launch_argv(pid: int) -> list[str] | None:

@@ -62,7 +62,7 @@ def main(argv=None) -> None:
 def run(cfg: RunConfig, accelerator, stop) -> None:
     from accelerate.utils import set_seed
 
-    from . import checkpoint, cpu as cpu_lib, data, export, job, measure, strategy, telemetry
+    from . import checkpoint, cpu as cpu_lib, data, export, job, launch, measure, strategy, telemetry
     from .card import model_card
     from .loss import fuse_head_and_loss
     from .model import apply_lora, build_model, build_tokenizer, initialize_weights, is_preset, model_config
@@ -112,6 +112,7 @@ def run(cfg: RunConfig, accelerator, stop) -> None:
         model, optimizer, train_loader, eval_loader, scheduler)
     strategy.register_comm_hook(model, cfg)  # DDP: ddp.comm_hook
     cfg.runtime = strategy.verify(accelerator, model, optimizer, cfg)  # stop here if not what was asked
+    cfg.runtime.update(launch.launch_record())
     cfg.runtime.update(**cpu, max_steps=max_steps, data_format=fmt, activation_checkpointing=checkpointing,
                        trainable_params=measure.trainable_numel(model))
     # What MFU is computed from: the model's FLOPs per token and this device's peak.
