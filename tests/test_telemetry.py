@@ -253,11 +253,14 @@ def test_run_reports_tokens_mfu_summary_curves_and_tensorboard(one_process, spli
 
     events = EventAccumulator(str(out / "tensorboard"))
     events.Reload()
-    logged = {e.step: e.value for e in events.Scalars("loss")}
+    logged = {e.step: e.value for e in events.Scalars("train/loss")}
     assert logged.keys() == {r["step"] for r in train}
     for r in train:
         assert logged[r["step"]] == pytest.approx(r["loss"], rel=1e-6)  # float32 in the event file
-    assert {e.step for e in events.Scalars("eval_perplexity")} == {0, 36, 72}
+    assert {e.step for e in events.Scalars("eval/perplexity")} == {0, 36, 72}
+    # every scalar in a group, and the run's events in one folder (no empty hparams folder beside it)
+    assert {tag.split("/")[0] for tag in events.Tags()["scalars"]} == {"train", "eval", "perf", "comm"}
+    assert [p.name for p in (out / "tensorboard").iterdir() if p.is_dir()] == []
 
     for noise in NOISE:
         assert noise not in proc.stderr and noise not in proc.stdout

@@ -171,8 +171,10 @@ class Telemetry:
                 tracker.init_kwargs["purge_step"] = start_step + 1
         if "wandb" in names and self.is_main:
             choose_wandb_mode()
-        self.accelerator.init_trackers(os.environ.get("WANDB_PROJECT", "toolkit"), config=flatten(to_dict(cfg)),
-                                       init_kwargs={"wandb": {"name": self.out.name, "dir": str(self.out)}})
+        # The run config goes to wandb only: TensorBoard would store it as hparams in a timestamped
+        # folder of its own, empty of scalars (config.yaml holds it beside the events).
+        self.accelerator.init_trackers(os.environ.get("WANDB_PROJECT", "toolkit"), init_kwargs={"wandb": {
+            "name": self.out.name, "dir": str(self.out), "config": flatten(to_dict(cfg))}})
 
     def step_begins(self) -> None:
         self.step_start = time.perf_counter()
@@ -231,7 +233,8 @@ class Telemetry:
         record = {**record, "time": round(time.time(), 3)}  # wall clock, when it was logged
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
-        scalars = {k: v for k, v in record.items() if k not in ("step", "time") and isinstance(v, (int, float))}
+        scalars = {tracker_tag(k): v for k, v in record.items()
+                   if k not in ("step", "time") and isinstance(v, (int, float))}
         self.accelerator.log(scalars, step=record["step"])
         if "loss" in record:
             self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", refresh=False)
@@ -287,6 +290,21 @@ class Telemetry:
             "comm_bytes": sum(comm.values()),
             **{f"comm_bytes_{kind}": value for kind, value in comm.items()},
         }
+
+
+PERF = ("tokens_per_s", "padded_tokens_per_s", "input_tokens", "mfu", "peak_mem_gb", "optim_state")
+
+
+def tracker_tag(name: str) -> str:
+    """The tracker's name for a metrics.jsonl key, grouped as TensorBoard and wandb show groups:
+    eval/perplexity, comm/all_gather, perf/tokens_per_s, train/loss."""
+    if name.startswith("eval_"):
+        return "eval/" + name.removeprefix("eval_")
+    if name.startswith("comm_bytes"):
+        return "comm/" + (name.removeprefix("comm_bytes_") if name != "comm_bytes" else "total") + "_bytes"
+    if name.startswith(PERF):
+        return "perf/" + name
+    return "train/" + name
 
 
 def add_to_summary(accelerator, out: Path, **fields) -> None:
