@@ -260,7 +260,7 @@ class Telemetry:
         summary = self.summary(records)
         write_text(self.out / "summary.json", json.dumps(summary, indent=2) + "\n")
         print(summary_line(summary), flush=True)
-        plot_curves(records, self.out / "curves.png")
+        plot_curves(records, self.out / "curves.png", title=self.out.name)
 
     def summary(self, records: list[dict]) -> dict:
         """The whole run's loss and evaluations (metrics.jsonl, across resumes); this session's
@@ -370,22 +370,40 @@ def trim_metrics(path: Path, last_step: int) -> None:
         write_text(path, "".join(json.dumps(r) + "\n" for r in read_metrics(path) if r["step"] <= last_step))
 
 
-def plot_curves(records: list[dict], path: Path) -> None:
-    """Loss and learning rate by step, and held-out perplexity when there is any."""
+def plot_curves(records: list[dict], path: Path, title: str = "") -> None:
+    """Training and held-out loss on one axis (over-fitting shows as the two parting), held-out
+    perplexity on a log axis (step 0's is orders of magnitude above the rest), learning rate, grad
+    norm, throughput and memory by step; `title`: the run's name."""
     train = [r for r in records if "loss" in r and math.isfinite(r["loss"])]
-    evals = [r for r in records if "eval_perplexity" in r]
+    evals = [r for r in records if "eval_loss" in r]
     if not train:
         return
     plt = pyplot()
 
-    panels = [("loss", "training loss (nats / token)", train), ("lr", "learning rate", train)]
+    def line(ax, rows, key, label=None):
+        rows = [r for r in rows if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+        ax.plot([r["step"] for r in rows], [r[key] for r in rows], "o-" if len(rows) < 30 else "-", markersize=3,
+                label=label)
+
+    fig, axes = plt.subplots(2, 3, figsize=(13.5, 7))
+    (loss, perplexity, lr), (grad_norm, speed, memory) = axes
+    line(loss, train, "loss", "training")
     if evals:
-        panels.append(("eval_perplexity", "held-out perplexity", evals))
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.5))
-    for ax, (key, title, rows) in zip(axes, panels):
-        ax.plot([r["step"] for r in rows], [r[key] for r in rows], "o-" if len(rows) < 30 else "-", markersize=3)
-        ax.set_title(title)
+        line(loss, evals, "eval_loss", "held-out")
+        line(perplexity, evals, "eval_perplexity")
+        perplexity.set_yscale("log")
+    loss.legend()
+    line(lr, train, "lr")
+    line(grad_norm, train, "grad_norm")
+    line(speed, train, "tokens_per_s")
+    line(memory, train, "peak_mem_gb_max")
+    for ax, name in ((loss, "loss (nats / token)"), (perplexity, "held-out perplexity (log)"), (lr, "learning rate"),
+                     (grad_norm, "gradient norm (before clipping)"), (speed, "tokens / s"),
+                     (memory, "peak memory, largest rank (GB)")):
+        ax.set_title(name)
         ax.set_xlabel("step")
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     write_figure(fig, path)
 
