@@ -101,3 +101,16 @@ def test_a_flag_for_a_run_config_key_names_the_override_to_write():
     assert message.endswith("write train.max_steps=10 optim.lr=3e-4")
     with pytest.raises(UserError, match="see --help for the keys"):
         parse_args(["--no-such-thing"])
+
+
+def test_the_readme_config_reference_is_the_generated_one():
+    """README.md's table is `python -m toolkit.config --reference`: every key, its default and its
+    docstring, so it cannot drift from the dataclasses (regenerate it after changing a field)."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    begin = readme.index("<!-- config-reference:begin")
+    table = readme[readme.index("\n", begin) + 1:readme.index("<!-- config-reference:end -->")].strip()
+    assert table == config.reference_table()
+    assert all(f"| `{key}` |" in table for key in ("model.revision", "data.split", "data.eval_split",
+                                                   "data.text_field", "checkpoint.max_shard_size"))

@@ -76,7 +76,9 @@ def let_the_speaker_exit_first(error: UserError | None) -> None:
 @dataclass
 class ModelConfig:
     name_or_path: str = "tiny-opt"
-    """Hub id (facebook/opt-125m), local HF directory, or preset (tiny-opt, random-opt-125m, ...)."""
+    """Hub id (facebook/opt-125m), local HF directory, or preset: tiny-opt, small-opt (77M, 24 narrow
+    layers), random-opt-{125m,350m,1.3b,2.7b,6.7b} (random init, real shapes; the same initial weights
+    from the same train.seed under every strategy)."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward: less memory, about a third more compute."""
     dropout: float | None = None
@@ -88,7 +90,8 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     train: str = ""
-    """Local .txt/.jsonl/.json/.csv/.parquet file, or a hub dataset as `name` or `name:config`."""
+    """Local .txt/.jsonl/.json/.csv/.parquet file, a hub dataset as `name` or `name:config`, or
+    builtin:stdlib-docs / builtin:sft-tasks (made by the toolkit, offline)."""
     eval: str | None = None
     """Held-out data, same forms as `train`; None splits `eval_fraction` off the training data."""
     eval_fraction: float = 0.05
@@ -473,16 +476,34 @@ def save(cfg: RunConfig, path: str | Path) -> None:
     write_text(Path(path), yaml.safe_dump(to_dict(cfg), sort_keys=False))  # never a half-written config.yaml
 
 
+def reference_table() -> str:
+    """README.md's run config reference: every key with its default and meaning, generated from the
+    dataclasses and their field docstrings like `--help` (tests/test_config.py keeps the README's equal)."""
+    docs = field_docs()
+    rows = ["| key | default | meaning |", "|---|---|---|"]
+    for key, default in _keys(RunConfig(), ""):
+        meaning = docs.get(key, "").replace("|", "\\|")
+        rows.append(f"| `{key}` | `{_show(default)}` | {meaning} |")
+    return "\n".join(rows)
+
+
 def main(argv=None) -> None:
     """`python -m toolkit.config --config RUN.yaml [key=value ...] --get output_dir`: one resolved
-    value, as training would see it (job scripts read the run's output_dir so)."""
+    value, as training would see it (job scripts read the run's output_dir so); `--reference`: the
+    README's table of every key."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="toolkit.config", description="Print one value of a run config.")
+    parser = argparse.ArgumentParser(prog="toolkit.config", description="Print one value of a run config, or the "
+                                                                       "reference table of every key.")
     parser.add_argument("--config", help="YAML run config")
-    parser.add_argument("--get", required=True, metavar="KEY", help="dotted key, e.g. output_dir or train.max_steps")
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--get", metavar="KEY", help="dotted key, e.g. output_dir or train.max_steps")
+    what.add_argument("--reference", action="store_true", help="print the Markdown table of every key (README.md)")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, as toolkit.train takes them")
     args = parser.parse_args(argv)
+    if args.reference:
+        print(reference_table())
+        return
     cfg = load(args.config, args.overrides)
     try:
         print(_show(get(cfg, args.get)))
