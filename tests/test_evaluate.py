@@ -262,3 +262,17 @@ def test_bad_input_is_one_clear_error(case, run, tmp_path):
     lines = error_lines(proc)
     assert len(lines) == 1 and str(named) in lines[0] and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert report_file.read_text() == "earlier results\n"  # nothing already written is touched
+
+
+def test_data_errors_name_what_evaluate_takes(run, tmp_path):
+    """Evaluate has no data.* keys: its errors name its own options, not training's."""
+    columns = tmp_path / "columns.jsonl"
+    columns.write_text('{"body": "some text"}\n')
+    proc = evaluate(["--checkpoint", run / "final", "--data", columns], check=False)
+    [line] = error_lines(proc)
+    assert "['body']" in line and "rename the data's columns" in line and "data.text_field" not in line, line
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text('{"text": "some text"}\n')
+    proc = evaluate(["--checkpoint", run / "final", "--data", docs, "--max-length", 100000], check=False)
+    [line] = error_lines(proc)
+    assert "--max-length=100000 is longer than the model allows" in line and "data.block_size" not in line, line

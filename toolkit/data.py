@@ -91,22 +91,26 @@ def load_raw(cfg: DataConfig, seed: int) -> tuple[datasets.Dataset, datasets.Dat
     return parts["train"], parts["test"]
 
 
-def detect_format(ds: datasets.Dataset, cfg: DataConfig) -> str:
+FIELDS_FIX = "rename the columns or set data.text_field / data.prompt_field / data.response_field"
+
+
+def detect_format(ds: datasets.Dataset, cfg: DataConfig, fix: str = FIELDS_FIX) -> str:
+    """text or sft, from the columns and data.format; `fix`: the error's advice (the caller's options)."""
     columns = set(ds.column_names)
     sft = {cfg.prompt_field, cfg.response_field} <= columns
     text = cfg.text_field in columns
     fmt = cfg.format if cfg.format != "auto" else "sft" if sft else "text" if text else None
     if fmt is None or (fmt == "sft" and not sft) or (fmt == "text" and not text):
         raise UserError(f"data has columns {sorted(columns)}; data.format={cfg.format} needs "
-                        f"'{cfg.text_field}' (text) or '{cfg.prompt_field}'+'{cfg.response_field}' (sft): "
-                        "rename the columns or set data.text_field / data.prompt_field / data.response_field")
+                        f"'{cfg.text_field}' (text) or '{cfg.prompt_field}'+'{cfg.response_field}' (sft): {fix}")
     return fmt
 
 
-def check_block_size(block_size: int, max_positions: int) -> None:
+def check_block_size(block_size: int, max_positions: int, key: str = "data.block_size") -> None:
+    """`key`: what the caller's user sets the length with."""
     if block_size > max_positions:
-        raise UserError(f"data.block_size={block_size} is longer than the model allows ({max_positions} positions): "
-                        f"set data.block_size<={max_positions}")
+        raise UserError(f"{key}={block_size} is longer than the model allows ({max_positions} positions): "
+                        f"set {key}<={max_positions}")
 
 
 # datasets fingerprints a module-level function by its name (dill pickles it by reference), so

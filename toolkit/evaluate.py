@@ -190,13 +190,14 @@ def held_out(args, target: Target, tokenizer, max_positions: int):
         raw = data.load_raw(target.run.data, target.run.train.seed)[1]
     else:
         raise UserError(f"{target.path} has no run config.yaml to take the held-out split from: pass --data FILE")
-    fmt = data.detect_format(raw, data_cfg)
+    fmt = data.detect_format(raw, data_cfg, fix="rename the data's columns to those (the fields the model was "
+                                                "trained with)")
     if args.packed:
         block_size = args.max_length or data_cfg.block_size
-        data.check_block_size(block_size, max_positions)
+        data.check_block_size(block_size, max_positions, key="--max-length")
         return packed_blocks(raw, tokenizer, dataclasses.replace(data_cfg, block_size=block_size), fmt)
     max_length = args.max_length or max_positions
-    data.check_block_size(max_length, max_positions)
+    data.check_block_size(max_length, max_positions, key="--max-length")
     return data.tokenize_for_eval(raw, tokenizer, data_cfg, fmt, max_length=max_length, stride=args.stride or None)
 
 
