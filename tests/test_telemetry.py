@@ -282,3 +282,20 @@ def test_two_processes_count_both_ranks(one_process, split_sft, tmp_path):
     assert all(0 < r["mfu"] <= 1 for r in two)
     for noise in NOISE:
         assert noise not in proc.stderr and noise not in proc.stdout
+
+
+def test_the_optional_kernel_noise_is_dropped_by_logger_and_subject_not_by_one_text(capsys):
+    """bitsandbytes says, kernel by kernel, that it could not fetch optional CPU kernels from the Hub
+    (the newest releases install `kernels`); any such line from its logger is dropped, its other
+    warnings still show."""
+    telemetry.quiet_known_noise()
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    handler = logging.StreamHandler()
+    logger.addHandler(handler)
+    try:
+        logger.warning("Failed to load CPU gemm_4bit_forward from kernels-community: offline")
+        logger.warning("Failed to load CPU gemv_4bit from kernels-community: no kernels >= 0.11.1")
+        logger.warning("something else went wrong")
+    finally:
+        logger.removeHandler(handler)
+    assert capsys.readouterr().err == "something else went wrong\n"

@@ -47,8 +47,10 @@ def quiet_known_noise() -> None:
     so every other warning still shows. Call first thing in a CLI's main, before the libraries load
     (a filter on a logger that does not exist yet is kept: `getLogger` creates it, they reuse it)."""
     dropped = {
-        # bitsandbytes' optional 4-bit CPU kernels from the Hub; the toolkit uses no 4-bit layers
-        "bitsandbytes.backends.cpu.ops": r"Failed to load CPU gemm_4bit_forward from kernels-community",
+        # bitsandbytes' optional CPU kernels from the Hub (the `kernels` package, which the newest
+        # releases install, fetches them; offline or without it the loading fails and is said, kernel by
+        # kernel): the toolkit uses no 4-bit layers
+        "bitsandbytes.backends.cpu.ops": r"kernels-community|pip install kernels",
         # OPT ties lm_head to the token embeddings: saving stores the tensor once, loading re-ties it
         "accelerate.utils.other": r"Removed shared tensor \{'lm_head\.weight'\} while saving",
     }
