@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -191,7 +192,7 @@ def main(argv=None) -> None:
 
     rows = json.loads(args.json.read_text())["rows"] if args.update else []
     commands = [*(json.loads(args.json.read_text()).get("commands", []) if args.update else []),
-                " ".join([Path(sys.executable).name, *sys.argv])]
+                shlex.join(["python", *sys.argv])]
     # The report is rewritten after every candidate: a run stopped early keeps what it measured.
     for row in capacity(args.strategies, args.shapes, work, args.memory_limit_gb, args.timeout_min * 60):
         at = [i for i, r in enumerate(rows) if (r["strategy"], r["shape"]) == (row["strategy"], row["shape"])]
