@@ -7,7 +7,6 @@ import json
 import logging
 import subprocess
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -25,13 +24,31 @@ MICRO, ACCUM = 4, 2
 # --- --help -----------------------------------------------------------------------------------------
 
 
-def test_help_is_fast_and_lists_every_key_with_its_default():
-    start = time.perf_counter()
+HELP_WITHOUT_TORCH = """
+import runpy, sys
+sys.argv = ["{module}", "--help"]
+try:
+    runpy.run_module("{module}", run_name="__main__")
+except SystemExit:
+    pass
+print("imported torch:", "torch" in sys.modules)
+"""
+
+
+@pytest.mark.parametrize("module", ["toolkit.train", "toolkit.export", "toolkit.plan", "toolkit.config"])
+def test_help_answers_before_the_heavy_libraries_load(module):
+    """--help and argument errors come before torch (seconds to import) is loaded: what makes them fast,
+    checked without a clock."""
+    proc = subprocess.run([sys.executable, "-c", HELP_WITHOUT_TORCH.format(module=module)], cwd=ROOT,
+                          env=environment(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert f"usage: {module}" in proc.stdout and proc.stdout.rstrip().endswith("imported torch: False")
+
+
+def test_help_lists_every_key_with_its_default():
     proc = subprocess.run([sys.executable, "-m", "toolkit.train", "--help"], cwd=ROOT, env=environment(),
                           capture_output=True, text=True, timeout=60)
-    seconds = time.perf_counter() - start
     assert proc.returncode == 0, proc.stderr
-    assert seconds < 5, f"--help took {seconds:.1f} s"  # ~0.2 s alone; generous: the machine is shared
     for line in ("train.max_steps=0", "optim.lr=0.0003", "train.report_to=tensorboard", "train.peak_tflops=0.0",
                  "lora.target_modules=q_proj,v_proj", "model.dropout=null"):
         assert f"  {line}\n" in proc.stdout

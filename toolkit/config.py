@@ -459,11 +459,15 @@ def validate(cfg: RunConfig) -> None:
     if cfg.ddp.powersgd_start_step < 2:
         raise UserError(f"ddp.powersgd_start_step must be >= 2 (PowerSGD needs two uncompressed steps to start "
                         f"from), got {cfg.ddp.powersgd_start_step}")
-    if not re.fullmatch(r"\d+(\.\d+)?[KMGT]i?B", cfg.checkpoint.max_shard_size):
-        raise UserError(f"checkpoint.max_shard_size must be a size like 500MB or 2GB (GiB for powers of 2), "
-                        f"got {cfg.checkpoint.max_shard_size!r}")
+    check_size("checkpoint.max_shard_size", cfg.checkpoint.max_shard_size)
     if cfg.lora.enabled and not cfg.lora.target_modules:
         raise UserError("lora.target_modules is empty: name the modules to adapt, e.g. q_proj,v_proj")
+
+
+def check_size(key: str, text: str) -> None:
+    """A file size as Hugging Face writes them: 500MB, 2GB (powers of 10) or 5GiB (powers of 2)."""
+    if not re.fullmatch(r"\d+(\.\d+)?[KMGT]i?B", text):
+        raise UserError(f"{key} must be a size like 500MB or 2GB (GiB for powers of 2), got {text!r}")
 
 
 def to_dict(cfg: RunConfig) -> dict:

@@ -16,8 +16,7 @@ import argparse
 import json
 from pathlib import Path
 
-from . import checkpoint
-from .config import UserError, run_cli
+from .config import CheckpointConfig, UserError, check_size, run_cli
 from .files import replaced_dir
 
 EXPORT_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -26,7 +25,7 @@ INFO_FILE = "export_info.json"
 
 
 def export_model(accelerator, model, tokenizer, out: str | Path, step: int, card: str, merge_lora: bool = False,
-                 dtype: str = "fp32", max_shard_size: str = "2GB") -> None:
+                 dtype: str = "fp32", max_shard_size: str = CheckpointConfig.max_shard_size) -> None:
     """Write `out` as a Hugging Face model directory, whatever the strategy. All ranks: the weights
     are gathered one parameter at a time and written by the main process as shards fill, so no
     process holds more than a shard of the model beyond what it trains with."""
@@ -46,7 +45,7 @@ def export_model(accelerator, model, tokenizer, out: str | Path, step: int, card
 
 
 def write_hf_model(model, weights, tokenizer, out: Path, step: int, card: str, merge_lora: bool = False,
-                   dtype: str = "fp32", max_shard_size: str = "2GB") -> None:
+                   dtype: str = "fp32", max_shard_size: str = CheckpointConfig.max_shard_size) -> None:
     """safetensors weights + config + tokenizer that plain transformers loads, from `weights` ((name,
     whole tensor) pairs, consumed once); for a LoRA model the adapter, and with `merge_lora` also
     `merged/`, a full model. The same files under every strategy: floats in `dtype` (fp32, bf16 or
@@ -204,9 +203,12 @@ def main(argv=None) -> None:
     parser.add_argument("--max-shard-size",
                         help="largest safetensors file, e.g. 500MB (default: the run's checkpoint.max_shard_size)")
     args = parser.parse_args(argv)
+    if args.max_shard_size:
+        check_size("--max-shard-size", args.max_shard_size)
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
         raise UserError(f"--out {out} exists and is not empty: choose a new directory")
+    from . import checkpoint  # (imports torch: after the arguments, so --help answers at once)
     from .card import model_card
 
     model, tokenizer, cfg = checkpoint.load_model(args.checkpoint)
