@@ -35,7 +35,8 @@ print("imported torch:", "torch" in sys.modules)
 """
 
 
-@pytest.mark.parametrize("module", ["toolkit.train", "toolkit.export", "toolkit.plan", "toolkit.config"])
+@pytest.mark.parametrize("module", ["toolkit.train", "toolkit.evaluate", "toolkit.export", "toolkit.doctor", "toolkit.plan",
+                                    "toolkit.config", "toolkit.demo_data"])
 def test_help_answers_before_the_heavy_libraries_load(module):
     """--help and argument errors come before torch (seconds to import) is loaded: what makes them fast,
     checked without a clock."""

@@ -19,13 +19,11 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
-
 from .config import RunConfig, UserError, run_cli
 from .launch import Requested
-from .strategy import check_optimizer, make_accelerator, verify
-from .measure import versions
+
+# torch and the toolkit modules that load it are imported in the checks that use them: --help
+# answers at once.
 
 LOW_DISK_GIB = 10
 
@@ -51,6 +49,8 @@ class Report:
 
 
 def check_versions(report: Report) -> None:
+    from .measure import versions
+
     found = versions()
     missing = [n for n in ("deepspeed", "peft", "bitsandbytes") if n not in found]
     report.line("warn" if missing else "ok", "versions", ", ".join(f"{k} {v}" for k, v in found.items())
@@ -58,6 +58,8 @@ def check_versions(report: Report) -> None:
 
 
 def check_devices(report: Report) -> None:
+    import torch
+
     if torch.cuda.is_available():
         names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
         return report.line("ok", "devices", f"{len(names)} CUDA: {', '.join(names)}")
@@ -85,7 +87,9 @@ def extensions_dir() -> Path:
     """Where torch JIT-builds ops (as torch.utils.cpp_extension._get_build_directory, which creates it)."""
     if os.environ.get("TORCH_EXTENSIONS_DIR") is not None:
         return Path(os.environ["TORCH_EXTENSIONS_DIR"])
+    import torch
     from torch.utils.cpp_extension import get_default_build_root
+
     device = (f"rocm{torch.version.hip.replace('.', '')}" if torch.version.hip else
               f"cu{torch.version.cuda.replace('.', '')}" if torch.version.cuda else "cpu")
     return Path(get_default_build_root()) / f"py{sys.version_info.major}{sys.version_info.minor}{sys.abiflags}_{device}"
@@ -146,6 +150,8 @@ def check_world(report: Report, timeout: float) -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         return  # one process, or no launcher store: the process group's own timeout bounds the wait
+    import torch.distributed as dist
+
     addr, port = os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"]
     store = dist.TCPStore(addr, int(port), is_master=False, timeout=timedelta(seconds=timeout))
     key = f"toolkit.doctor/{os.environ.get('TORCHELASTIC_RUN_ID')}/{os.environ.get('TORCHELASTIC_RESTART_COUNT')}"
@@ -164,6 +170,9 @@ def check_world(report: Report, timeout: float) -> None:
 def check_collectives(report: Report, accelerator, mib: int = 32, reps: int = 3) -> None:
     """All ranks: all_reduce and all_gather of `mib` MiB, checked and timed; bus bandwidth as
     nccl-tests defines it, comparable across world sizes."""
+    import torch
+    import torch.distributed as dist
+
     n, device = accelerator.num_processes, accelerator.device
     if n == 1:
         return report.line("ok", "collectives", "one process: nothing to exchange")
@@ -192,7 +201,10 @@ def check_collectives(report: Report, accelerator, mib: int = 32, reps: int = 3)
 
 def check_strategy(report: Report, accelerator, cfg: RunConfig) -> None:
     """All ranks: the trainer's own check after `prepare`, on a tiny OPT, after one real step."""
+    import torch
+
     from .model import PRESETS, preset_model
+    from .strategy import check_optimizer, verify
 
     try:
         check_optimizer(accelerator, cfg)
@@ -221,6 +233,10 @@ def main(argv=None) -> None:
     parser.add_argument("--timeout", type=float, default=60.0,
                         help="seconds to wait for every process to join, for any collective and for a build lock")
     args = parser.parse_args(argv)
+    import torch.distributed as dist
+
+    from .strategy import make_accelerator
+
     report = Report()
     check_versions(report)
     check_devices(report)

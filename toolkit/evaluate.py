@@ -18,17 +18,13 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from . import checkpoint as checkpoint_lib, config as config_lib, cpu, data, job, strategy
+from . import config as config_lib
 from .config import DataConfig, ModelConfig, RunConfig, UserError, run_cli
-from .data import IGNORE
 from .export import INFO_FILE
 from .files import pyplot, write_figure, write_text
-from .loss import fuse_head_and_loss
-from .model import build_model, initial_model
-from .telemetry import quiet_known_noise
-from .validation import evaluate_model
+
+# torch, transformers, DeepSpeed and the toolkit modules that load them are imported in the functions
+# that use them, after the arguments are read: --help and argument errors answer at once.
 
 COLUMNS = ("loss", "perplexity", "bits_per_byte", "accuracy", "tokens", "documents")
 PRECISIONS = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
@@ -80,6 +76,8 @@ class Target:
 def find_targets(checkpoint: str) -> list[Target]:
     """What `--checkpoint` names: one model or checkpoint, or every checkpoint of a run (its directory
     or its checkpoints/ folder) plus its final/."""
+    from . import checkpoint as checkpoint_lib
+
     path = Path(checkpoint)
     fix = "pass a run's final/ directory, a checkpoints/step-N directory or a run's checkpoints/ folder"
     if not path.exists():
@@ -100,6 +98,8 @@ def find_targets(checkpoint: str) -> list[Target]:
 
 
 def target(path: Path) -> Target:
+    from . import checkpoint as checkpoint_lib
+
     if (path / checkpoint_lib.STATE_FILE).is_file():
         run_dir = path.parent.parent  # runs/x/checkpoints/step-N
         step = json.loads((path / checkpoint_lib.STATE_FILE).read_text())["step"]
@@ -130,6 +130,8 @@ def eval_accelerator(targets: list[Target], args):
     """The accelerator for this launch, through the same strategy code as training (all strategies
     on CPU too). Its batch settings are the evaluation's: one micro-batch, no accumulation; its
     precision is `--precision`, whatever the launch said."""
+    from . import cpu, strategy
+
     os.environ["ACCELERATE_MIXED_PRECISION"] = PRECISIONS[args.precision]
     first = targets[0]
     cfg = first.run or RunConfig()
@@ -146,6 +148,9 @@ def load_target(accelerator, target: Target, base: str | None):
     that runs now is read shard by shard after `prepare` (no rank holds the whole model); one of
     another strategy is consolidated on CPU first."""
     from transformers import AutoTokenizer
+
+    from . import checkpoint as checkpoint_lib, strategy
+    from .model import build_model
 
     if target.kind == "state":
         model, tokenizer, _ = checkpoint_lib.run_model(target.path)
@@ -166,6 +171,8 @@ def load_target(accelerator, target: Target, base: str | None):
 def adapter_model(target: Target, tokenizer, base: str | None):
     from peft import PeftModel
 
+    from .model import initial_model
+
     adapter = json.loads((target.path / "adapter_config.json").read_text())
     base = base or adapter.get("base_model_name_or_path") or (target.run and target.run.model.name_or_path)
     if not base:
@@ -183,6 +190,7 @@ def adapter_model(target: Target, tokenizer, base: str | None):
 
 def held_out(args, target: Target, tokenizer, max_positions: int):
     """The documents to score, tokenized: --data, or the run's own held-out split."""
+    from . import data
     data_cfg = target.run.data if target.run else DataConfig()
     if args.data:
         raw = data.load_source(args.data, data_cfg.eval_split)
@@ -204,6 +212,8 @@ def held_out(args, target: Target, tokenizer, max_positions: int):
 def packed_blocks(raw, tokenizer, data_cfg: DataConfig, fmt: str):
     """Training's blocks, each with the UTF-8 bytes of the tokens it scores (so bits_per_byte
     means the same as unpacked) and the documents that start in it (text: each begins with BOS)."""
+    from . import data
+    from .data import IGNORE
     blocks = data.tokenize_for_training(raw, tokenizer, data_cfg, fmt)
 
     def count(batch):
@@ -233,6 +243,11 @@ def generate(accelerator, model, tokenizer, prompts: list[str], max_new_tokens: 
 
 def score(accelerator, target: Target, args) -> dict:
     """All ranks: one checkpoint's row of metrics."""
+    import torch
+
+    from . import checkpoint as checkpoint_lib, data, job
+    from .loss import fuse_head_and_loss
+    from .validation import evaluate_model
     # Outside main_process_first: under ZeRO-3, from_pretrained partitions the weights with
     # collectives that every rank must join (rank 0 alone would wait forever).
     model, tokenizer, loads_after_prepare = load_target(accelerator, target, args.base)
@@ -256,9 +271,12 @@ def score(accelerator, target: Target, args) -> dict:
 
 
 def main(argv=None) -> None:
+    args = parse_args(argv)  # first: it needs no heavy import
+    from . import job  # (imports torch)
+    from .telemetry import quiet_known_noise
+
     job.follow_launcher()  # a worker whose launcher is killed stops too (evaluation saves nothing)
     quiet_known_noise()  # before the libraries that print it are loaded
-    args = parse_args(argv)
     targets = find_targets(args.checkpoint)
     accelerator = eval_accelerator(targets, args)
     rows = []
