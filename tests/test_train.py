@@ -286,7 +286,7 @@ def test_keep_last_deletes_old_checkpoints_but_never_the_resumed_one(tmp_path):
     accelerator = fake_accelerator()
     resumed = checkpoint.save(accelerator, cfg, {"step": 1})
     for step in (2, 3, 4):
-        checkpoint.save(accelerator, cfg, {"step": step}, keep=resumed)
+        checkpoint.save(accelerator, cfg, {"step": step}, keep=(resumed,))
     names = [p.name for p in checkpoint.checkpoint_dirs(tmp_path / "checkpoints")]
     assert names == ["step-000001", "step-000003", "step-000004"]
 
@@ -379,3 +379,29 @@ def test_make_demo_trains_with_two_processes_and_evaluates(tmp_path):
     assert [r["step"] for r in metrics(out)[1]] == [0, 2, 4]
     report = json.loads((out / "eval_final.json").read_text())["results"][0]
     assert report["documents"] > 0 and report["perplexity"] > 1 and "perplexity" in proc.stdout
+
+
+def test_keep_best_survives_keep_last_and_early_stopping_stops_where_it_should(text_data, tmp_path):
+    """Evaluations every 2 steps report the scripted held-out losses 5, 4, 3 (step 4, the best), 3.5,
+    3.6, 3.7: with a patience of 3 the run stops after step 10's evaluation, the third without
+    improvement, and exports final/. keep_last=1 keeps the newest checkpoint (step 10), keep_best
+    the best (step 4), which summary.json names."""
+    out = tmp_path / "run"
+    run = tiny_run(text_data, out, **{"train.max_steps": 20, "eval.every": 2, "eval.max_batches": 1,
+                                      "checkpoint.every": 2, "checkpoint.keep_last": 1, "checkpoint.keep_best": "true",
+                                      "train.early_stopping_patience": 3})
+    proc = launch("tests.instrumented_train", ["--eval-losses", "5,4,3,3.5,3.6,3.7,3.8,3.9", "--", *run])
+    assert "early stopping at step 10: the held-out loss has not improved for 3 evaluations since step 4" in proc.stdout
+    train, evals = metrics(out)
+    assert train[-1]["step"] == 10 and [r["step"] for r in evals] == [0, 2, 4, 6, 8, 10]
+    assert [p.name for p in checkpoint.checkpoint_dirs(out / "checkpoints")] == ["step-000004", "step-000010"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["best_eval_step"] == 4 and summary["best_checkpoint"] == str(out / "checkpoints" / "step-000004")
+    assert json.loads((out / "final" / "export_info.json").read_text()) == {"step": 10}
+
+
+def test_keep_best_and_early_stopping_need_evaluations():
+    with pytest.raises(UserError, match="set checkpoint.every to a multiple of eval.every"):
+        config_lib.load(None, ["data.train=x.jsonl", "checkpoint.keep_best=true", "checkpoint.every=3", "eval.every=2"])
+    with pytest.raises(UserError, match="train.early_stopping_patience counts evaluations: set eval.every"):
+        config_lib.load(None, ["data.train=x.jsonl", "train.early_stopping_patience=2"])

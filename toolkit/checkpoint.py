@@ -31,6 +31,11 @@ MUST_MATCH = ("model.name_or_path", "model.revision", "data.train", "data.eval",
               "lora.alpha", "lora.target_modules")
 
 
+def step_dir(output_dir: str | Path, step: int) -> Path:
+    """Where the checkpoint of optimizer step `step` is published."""
+    return Path(output_dir) / "checkpoints" / f"step-{step:06d}"
+
+
 def checkpoint_dirs(root: str | Path) -> list[Path]:
     """Complete checkpoints under `root`, oldest first (`*.tmp` leftovers of a crash are not)."""
     root = Path(root)
@@ -56,12 +61,12 @@ def layout(path: Path) -> str:
 # --- saving and resuming ------------------------------------------------------------------------
 
 
-def save(accelerator, cfg: RunConfig, trainer_state: dict, keep: Path | None = None, tokenizer=None) -> Path:
+def save(accelerator, cfg: RunConfig, trainer_state: dict, keep: tuple[Path, ...] = (), tokenizer=None) -> Path:
     """All ranks (save_state gathers or writes shards on every rank). Keeps the newest
-    `checkpoint.keep_last`, never `keep` (the checkpoint this run resumed from). With `tokenizer`
-    the checkpoint carries it, so it can be evaluated or exported wherever it is copied."""
-    root = Path(cfg.output_dir) / "checkpoints"
-    final = root / f"step-{trainer_state['step']:06d}"
+    `checkpoint.keep_last`, never those in `keep` (the one this run resumed from, the best). With
+    `tokenizer` the checkpoint carries it, so it can be evaluated or exported wherever it is copied."""
+    final = step_dir(cfg.output_dir, trainer_state["step"])
+    root = final.parent
     tmp = tmp_name(final)
     failed = _save_failed(root, final)
     with job.stop_together(accelerator, failed):
@@ -82,8 +87,9 @@ def save(accelerator, cfg: RunConfig, trainer_state: dict, keep: Path | None = N
                 save_tokenizer(tokenizer, tmp / "tokenizer")
             publish_dir(tmp, final)  # the same step saved again after a resume is replaced whole
             if cfg.checkpoint.keep_last:
+                kept = {p.resolve() for p in keep}
                 for old in checkpoint_dirs(root)[:-cfg.checkpoint.keep_last]:
-                    if keep is None or old.resolve() != keep.resolve():
+                    if old.resolve() not in kept:
                         shutil.rmtree(old)
     return final
 

@@ -137,6 +137,9 @@ class TrainConfig:
     (offline unless logged in and online, or WANDB_MODE is set) | all (tensorboard and wandb)."""
     peak_tflops: float = 0.0
     """Peak TFLOP/s of one device, the denominator of `mfu`; 0: a table of known GPUs, or a matmul probe on CPU."""
+    early_stopping_patience: int = 0
+    """Stop training (and export final/) after this many evaluations in a row without a lower held-out
+    loss than the best so far (0: off; needs eval.every)."""
     max_bad_steps: int = 3
     """Stop after this many bad optimizer steps in a row (each is skipped): a non-finite loss or gradient; under
     fp16 a non-finite loss, or an overflow with the loss scale at `min_loss_scale` (an overflow above it is
@@ -204,6 +207,9 @@ class CheckpointConfig:
     """Save a resumable checkpoint every N optimizer steps (0: off)."""
     keep_last: int = 2
     """Keep only the newest N checkpoints (0: keep all)."""
+    keep_best: bool = False
+    """Also keep the checkpoint with the lowest held-out loss, which keep_last never deletes (needs
+    checkpoint.every to be a multiple of eval.every, so every checkpoint has its evaluation)."""
     export_dtype: str = "fp32"
     """fp32 | bf16 | fp16: dtype of the weights in final/ and toolkit.export (fp32: the optimizer's
     master weights, whatever the training precision; 16-bit halves the files)."""
@@ -278,7 +284,7 @@ POSITIVE = ("data.block_size", "train.micro_batch_size", "train.grad_accum_steps
             "eval.micro_batch_size", "lora.r", "lora.alpha", "optim.lr", "ddp.powersgd_rank", "ddp.bucket_cap_mb")
 NON_NEGATIVE = ("train.max_steps", "train.epochs", "train.peak_tflops", "optim.weight_decay", "optim.warmup_steps",
                 "optim.max_grad_norm", "eval.every", "eval.max_batches", "checkpoint.every", "train.profile_steps",
-                "checkpoint.keep_last", "lora.dropout")
+                "checkpoint.keep_last", "lora.dropout", "train.early_stopping_patience")
 # Optimizer steps train.profile_steps leaves unrecorded first: memory is allocated, DDP builds its
 # buckets, ZeRO-3 learns the order parameters are used in.
 PROFILE_WARMUP = 2
@@ -460,6 +466,12 @@ def validate(cfg: RunConfig) -> None:
         raise UserError(f"ddp.powersgd_start_step must be >= 2 (PowerSGD needs two uncompressed steps to start "
                         f"from), got {cfg.ddp.powersgd_start_step}")
     check_size("checkpoint.max_shard_size", cfg.checkpoint.max_shard_size)
+    if cfg.checkpoint.keep_best and not (cfg.checkpoint.every and cfg.eval.every
+                                         and cfg.checkpoint.every % cfg.eval.every == 0):
+        raise UserError(f"checkpoint.keep_best needs an evaluation at every checkpoint: set checkpoint.every to a "
+                        f"multiple of eval.every (now {cfg.checkpoint.every} and {cfg.eval.every}, 0 is off)")
+    if cfg.train.early_stopping_patience and not cfg.eval.every:
+        raise UserError("train.early_stopping_patience counts evaluations: set eval.every too")
     if cfg.lora.enabled and not cfg.lora.target_modules:
         raise UserError("lora.target_modules is empty: name the modules to adapt, e.g. q_proj,v_proj")
 

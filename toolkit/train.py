@@ -182,8 +182,12 @@ def train(cfg: RunConfig, accelerator, prepared: Prepared, state: dict, stop, re
     last_saved = resumed_from
     tokens = torch.zeros((), dtype=torch.int64, device=accelerator.device)  # trained on since the last read
     compute_dtype = compute_dtype_probe(model)
+    # The best held-out loss so far, in the trainer state: checkpoints carry it, so a resumed run
+    # keeps the best checkpoint and counts early stopping's patience on.
+    for key, value in {"best_eval_loss": None, "best_step": None, "evals_since_best": 0}.items():
+        state.setdefault(key, value)
     if cfg.eval.every and state["step"] == 0:  # the baseline that fine-tuning is measured against
-        run_evaluation(cfg, accelerator, model, prepared.eval_loader, telemetry, step=0)
+        run_evaluation(cfg, accelerator, model, prepared.eval_loader, telemetry, state, step=0)
     model.train()
     while state["step"] < max_steps:
         telemetry.step_begins()
@@ -238,13 +242,21 @@ def train(cfg: RunConfig, accelerator, prepared: Prepared, state: dict, stop, re
                 telemetry.close()
                 raise UserError(diverged(step, health, guard, last_saved))
         if (cfg.eval.every and step % cfg.eval.every == 0) or step == max_steps:
-            run_evaluation(cfg, accelerator, model, prepared.eval_loader, telemetry, step)
+            run_evaluation(cfg, accelerator, model, prepared.eval_loader, telemetry, state, step)
             model.train()
         # Never checkpoint right after a bad step: the last checkpoint must stay a good one.
         if saving and health["healthy"]:
-            last_saved = checkpoint.save(accelerator, cfg, dict(state), keep=resumed_from,  # all ranks
+            keep = [resumed_from] if resumed_from else []
+            if cfg.checkpoint.keep_best and state["best_step"] is not None:
+                keep.append(checkpoint.step_dir(cfg.output_dir, state["best_step"]))
+            last_saved = checkpoint.save(accelerator, cfg, dict(state), keep=tuple(keep),  # all ranks
                                          tokenizer=prepared.tokenizer)
             telemetry.log({"step": step, "checkpoint": str(last_saved)})
+        patience = cfg.train.early_stopping_patience
+        if patience and state["evals_since_best"] >= patience and step < max_steps:  # the same on every rank
+            accelerator.print(f"early stopping at step {step}: the held-out loss has not improved for {patience} "
+                              f"evaluations since step {state['best_step']} ({state['best_eval_loss']:.4f})")
+            break
         if preempted:
             accelerator.print(f"stopped by signal after step {step}; resume=auto continues from {last_saved}")
             telemetry.close()
@@ -266,11 +278,17 @@ def diverged(step: int, health: dict, guard, last_saved: Path | None) -> str:
             "then resume from it")
 
 
-def run_evaluation(cfg: RunConfig, accelerator, model, eval_loader, telemetry, step: int) -> None:
+def run_evaluation(cfg: RunConfig, accelerator, model, eval_loader, telemetry, state: dict, step: int) -> None:
+    """All ranks: evaluate, log, and note in `state` whether the held-out loss is the best so far
+    (every rank gets the same metrics, so they agree on the best and on stopping early)."""
     from .validation import evaluate_model
 
     metrics = evaluate_model(model, eval_loader, accelerator, max_batches=cfg.eval.max_batches)  # all ranks
     telemetry.log({"step": step, **{f"eval_{k}": v for k, v in metrics.items()}})
+    if state["best_eval_loss"] is None or metrics["loss"] < state["best_eval_loss"]:
+        state.update(best_eval_loss=metrics["loss"], best_step=step, evals_since_best=0)
+    else:
+        state["evals_since_best"] += 1
 
 
 def micro_batches(accelerator, loader, state: dict):
