@@ -264,13 +264,6 @@ class Telemetry:
         print(summary_line(summary), flush=True)
         plot_curves(records, self.out / "curves.png", title=self.out.name)
 
-    def _checkpoint_of(self, evaluation: dict | None) -> str | None:
-        """The checkpoint saved at an evaluation's step, if it is still there (checkpoint.keep_best keeps the best's)."""
-        from .checkpoint import step_dir
-
-        path = step_dir(self.out, evaluation["step"]) if evaluation else None
-        return str(path) if path is not None and path.is_dir() else None
-
     def summary(self, records: list[dict]) -> dict:
         """The whole run's loss and evaluations (metrics.jsonl, across resumes); this session's
         tokens, time, rates and bytes sent (a resumed run starts counting again)."""
@@ -291,7 +284,6 @@ class Telemetry:
             "final_loss": train[-1]["loss"] if train else None,
             "best_eval_perplexity": best["eval_perplexity"] if best else None,
             "best_eval_step": best["step"] if best else None,
-            "best_checkpoint": self._checkpoint_of(best),
             # the last evaluation's metrics (eval_loss, eval_perplexity, ... as in metrics.jsonl)
             **({f"final_{k}": v for k, v in evals[-1].items() if k.startswith("eval_")} if evals else {}),
             "peak_mem_gb": round(max(t["peak_mem_gb"], peak_memory_gb()), 3),

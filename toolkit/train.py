@@ -137,6 +137,8 @@ def run(cfg: RunConfig, accelerator, stop) -> None:
 
     prepared = Prepared(model, optimizer, scheduler, train_loader, eval_loader, tokenizer, max_steps, flops)
     finished = train(cfg, accelerator, prepared, state, stop, resume_from)
+    best = checkpoint.step_dir(out, state["best_step"]) if state["best_step"] is not None else None
+    telemetry.add_to_summary(accelerator, out, best_checkpoint=str(best) if best and best.is_dir() else None)
     if finished:
         measure.reset_peak_memory()
         card = model_card(cfg, state["step"], out / "metrics.jsonl", adapter=cfg.lora.enabled)
