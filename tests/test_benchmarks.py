@@ -27,7 +27,8 @@ def test_the_capacity_section_lists_each_candidate_and_is_replaced_not_appended(
     from report import write_capacity_section
 
     fits = {"strategy": "zero3", "shape": "random-opt-125m", "trains": True, "params": 125_239_296, "seconds": 70,
-            "formula_gb": 0.93, "start_peak_gb": [1.51, 1.52], "training_peak_gb": [1.96, 1.97]}
+            "formula_gb": 0.93, "start_peak_gb": [1.51, 1.52], "training_peak_gb": [1.96, 1.97],
+            "export_peak_gb": [2.10, 1.97]}
     fails = {"strategy": "zero3", "shape": "random-opt-350m", "trains": False, "seconds": 9,
              "why": "out of memory: 23.0 GB held > limit 22.0 GB"}
     result = {"rows": [fits, fails], "largest": largest([fits, fails]), "memory_limit_gb": 22.0, "machine": "m",
@@ -39,7 +40,7 @@ def test_the_capacity_section_lists_each_candidate_and_is_replaced_not_appended(
     text = results_md.read_text()
     assert text.count("capacity:begin") == text.count("capacity:end") == 1 and "Speed tables stay." in text
     assert "Largest that trains: zero3 125m." in text
-    assert "| zero3 | random-opt-125m | yes | 125M | 0.93 | 1.51, 1.52 | 1.96, 1.97 | 70 |" in text
+    assert "| zero3 | random-opt-125m | yes | 125M | 0.93 | 1.51, 1.52 | 1.96, 1.97 | 2.10, 1.97 | 70 |" in text
     assert "| zero3 | random-opt-350m | **no**: out of memory" in text
 
 
