@@ -3,7 +3,6 @@ how, its held-out results, and how to load it, as the Hugging Face Hub shows a m
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import yaml
@@ -52,15 +51,9 @@ def model_card(cfg: RunConfig, step: int, metrics: Path, adapter: bool) -> str:
 
 
 def _results(metrics: Path, step: int) -> list[str]:
-    evals = []
-    if metrics.is_file():
-        for line in metrics.read_text(errors="replace").splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:  # a line cut short by a kill
-                continue
-            if "eval_loss" in record and record["step"] <= step:
-                evals.append(record)
+    from .telemetry import read_metrics
+
+    evals = [r for r in read_metrics(metrics) if "eval_loss" in r and r["step"] <= step]
     if not evals:
         return []
     last = {r["step"]: r for r in evals}  # a step evaluated again after a resume: its latest record

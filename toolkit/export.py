@@ -106,7 +106,7 @@ def write_weights(directory: Path, model, weights, dtype: str, max_shard_size: s
     for name, tensor in weights:
         if name in tied:
             continue
-        tensor = (tensor.to(torch_dtype) if tensor.is_floating_point() else tensor).contiguous()
+        tensor = _in_dtype(tensor, torch_dtype).contiguous()
         nbytes = tensor.numel() * tensor.element_size()
         if shard and size + nbytes > limit:
             write_shard()
@@ -180,9 +180,14 @@ def _torch_dtype(dtype: str):
     return getattr(torch, EXPORT_DTYPES[dtype])
 
 
+def _in_dtype(tensor, torch_dtype):
+    """Floats in the export's dtype; integer tensors as they are."""
+    return tensor.to(torch_dtype) if tensor.is_floating_point() else tensor
+
+
 def _cast(state_dict: dict, dtype: str) -> dict:
     torch_dtype = _torch_dtype(dtype)
-    return {k: v.to(torch_dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
+    return {k: _in_dtype(v, torch_dtype) for k, v in state_dict.items()}
 
 
 def _record_dtype(directory: Path, dtype: str) -> None:
