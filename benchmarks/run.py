@@ -304,7 +304,7 @@ class Bench:
         for _ in range(2):
             start = time.perf_counter()
             raw, _ = data.load_raw(cfg, 42)
-            blocks = data.tokenize_for_training(raw, tokenizer, cfg, "text")
+            blocks = data.tokenize_for_training(raw, tokenizer, cfg)
             seconds.append(time.perf_counter() - start)
         tokens = len(blocks) * 128
         return {"tokens": tokens, "first_tokens_per_s": tokens / seconds[0], "second_run_s": seconds[1],

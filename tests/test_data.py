@@ -33,7 +33,7 @@ def test_packing_concatenates_documents_into_full_blocks(tokenizer):
     """2500 documents: more than one batch of datasets' `map` (1000), whose tails must not be lost."""
     words = "a b c d e f g h i j k l m n o p q r s t".split()
     docs = datasets.Dataset.from_dict({"text": [" ".join(words[: 3 + i % 7]) for i in range(2500)]})
-    blocks = data.tokenize_for_training(docs, tokenizer, DataConfig(train="x", block_size=64), "text")
+    blocks = data.tokenize_for_training([data.Part("x", "text", docs)], tokenizer, DataConfig(train="x", block_size=64))
     stream = [t for d in docs["text"] for t in tokenizer(d)["input_ids"]]
     assert all(len(b) == 64 for b in blocks["input_ids"])
     assert [t for b in blocks["input_ids"] for t in b] == stream[: len(stream) // 64 * 64]
@@ -41,7 +41,7 @@ def test_packing_concatenates_documents_into_full_blocks(tokenizer):
 
 def test_sft_masks_the_prompt_and_ends_with_eos(tokenizer):
     rows = datasets.Dataset.from_dict({"prompt": ["What is 2 plus 2?\nAnswer:"], "response": [" 4"]})
-    ex = data.tokenize_for_training(rows, tokenizer, DataConfig(train="x", block_size=64), "sft")[0]
+    ex = data.tokenize_for_training([data.Part("x", "sft", rows)], tokenizer, DataConfig(train="x", block_size=64))[0]
     prompt_len = len(tokenizer("What is 2 plus 2?\nAnswer:")["input_ids"])
     assert ex["labels"][:prompt_len] == [data.IGNORE] * prompt_len
     assert ex["labels"][prompt_len:] == ex["input_ids"][prompt_len:]
@@ -51,7 +51,7 @@ def test_sft_masks_the_prompt_and_ends_with_eos(tokenizer):
 
 def test_sft_drops_examples_whose_prompt_fills_the_block(tokenizer):
     rows = datasets.Dataset.from_dict({"prompt": ["the quick brown fox " * 20, "short"], "response": [" x", " y"]})
-    out = data.tokenize_for_training(rows, tokenizer, DataConfig(train="x", block_size=8), "sft")
+    out = data.tokenize_for_training([data.Part("x", "sft", rows)], tokenizer, DataConfig(train="x", block_size=8))
     assert len(out) == 1
 
 
@@ -114,8 +114,9 @@ def test_heldout_split_is_deterministic_and_disjoint(tmp_path):
     cfg = DataConfig(train=str(tmp_path / "d.jsonl"), eval_fraction=0.1)
     train1, eval1 = data.load_raw(cfg, seed=3)
     train2, eval2 = data.load_raw(cfg, seed=3)
-    assert eval1["text"] == eval2["text"] and len(eval1) == 10
-    assert not set(eval1["text"]) & set(train1["text"])
+    (train1,), (eval1,) = train1, eval1
+    assert eval1.rows["text"] == eval2[0].rows["text"] and len(eval1.rows) == 10
+    assert not set(eval1.rows["text"]) & set(train1.rows["text"])
 
 
 def test_the_preprocessing_cache_is_reused_until_the_toolkit_code_changes(tokenizer, tmp_path, monkeypatch):
@@ -128,7 +129,7 @@ def test_the_preprocessing_cache_is_reused_until_the_toolkit_code_changes(tokeni
 
     def blocks():
         raw, _ = data.load_raw(cfg, 42)
-        out = data.tokenize_for_training(raw, tokenizer, cfg, "sft")
+        out = data.tokenize_for_training(raw, tokenizer, cfg)
         return out._fingerprint, [f["filename"] for f in out.cache_files]
 
     first = blocks()
@@ -136,3 +137,126 @@ def test_the_preprocessing_cache_is_reused_until_the_toolkit_code_changes(tokeni
     monkeypatch.setattr(data, "PIPELINE_VERSION", "another toolkit")
     changed = blocks()
     assert changed[0] != first[0] and changed[1] != first[1]
+
+
+def encode(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def supervised(tokenizer, fmt: str, rows: dict, **cfg) -> list[dict]:
+    part = data.Part("x", fmt, datasets.Dataset.from_dict(rows))
+    return list(data.tokenize_for_training([part], tokenizer, DataConfig(**{"train": "x", "block_size": 1024, **cfg})))
+
+
+def test_alpaca_rows_go_through_the_alpaca_prompt_with_and_without_input(tokenizer):
+    examples = supervised(tokenizer, "alpaca", {"instruction": ["Add the numbers.", "Name a fox."],
+                                                "input": ["2 and 2", ""], "output": ["4", "the quick brown fox"]})
+    prompts = [
+        "Below is an instruction that describes a task, paired with an input that provides further context. Write a "
+        "response that appropriately completes the request.\n\n### Instruction:\nAdd the numbers.\n\n### Input:\n"
+        "2 and 2\n\n### Response:\n",
+        "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+        "\n\n### Instruction:\nName a fox.\n\n### Response:\n"]
+    for example, prompt, output in zip(examples, prompts, ["4", "the quick brown fox"]):
+        prompt_ids = tokenizer(prompt)["input_ids"]  # BOS first, as every OPT sequence
+        response = encode(tokenizer, output) + [tokenizer.eos_token_id]
+        assert example["input_ids"] == prompt_ids + response
+        assert example["labels"] == [data.IGNORE] * len(prompt_ids) + response
+
+
+CONVERSATION = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2 plus 2?"},
+                {"role": "assistant", "content": "4"}, {"role": "user", "content": "And 3 plus 3?"},
+                {"role": "assistant", "content": "6, the lazy dog says"}]
+
+
+def test_chat_trains_on_every_assistant_turn_and_its_eos_only(tokenizer):
+    (example,) = supervised(tokenizer, "chat", {"messages": [CONVERSATION]})
+    eos = [tokenizer.eos_token_id]
+    # (text, carries loss): the shipped template's pieces, tokenized apart
+    pieces = [("Be brief.\n\n### User:\nWhat is 2 plus 2?\n\n### Assistant:\n", False), ("4", True),
+              ("\n\n### User:\nAnd 3 plus 3?\n\n### Assistant:\n", False), ("6, the lazy dog says", True),
+              ("\n\n", False)]
+    ids, labels = [tokenizer.bos_token_id], [data.IGNORE]
+    for text, trained in pieces:
+        piece = encode(tokenizer, text) + (eos if trained else [])
+        ids += piece
+        labels += piece if trained else [data.IGNORE] * len(piece)
+    assert example["input_ids"] == ids
+    assert example["labels"] == labels
+
+
+def test_sharegpt_conversations_read_like_messages(tokenizer):
+    sharegpt = [{"from": {"system": "system", "user": "human", "assistant": "gpt"}[m["role"]], "value": m["content"]}
+                for m in CONVERSATION]
+    assert supervised(tokenizer, "chat", {"conversations": [sharegpt]}) == \
+        supervised(tokenizer, "chat", {"messages": [CONVERSATION]})
+    with pytest.raises(UserError, match="has neither a role nor a sharegpt 'from'"):
+        supervised(tokenizer, "chat", {"conversations": [[{"from": "bot", "value": "hi"}]]})
+
+
+def test_a_chat_template_of_ones_own_and_one_that_marks_no_replies(tokenizer, tmp_path):
+    template = tmp_path / "chat.jinja"
+    template.write_text("{% for m in messages %}<{{ m['role'] }}>{% if m['role'] == 'assistant' %}{% generation %}"
+                        "{{ m['content'] }}{{ eos_token }}{% endgeneration %}{% else %}{{ m['content'] }}{% endif %}"
+                        "{% endfor %}")
+    (example,) = supervised(tokenizer, "chat", {"messages": [CONVERSATION[1:3]]}, chat_template=str(template))
+    prompt = encode(tokenizer, "<user>What is 2 plus 2?<assistant>")
+    assert example["input_ids"] == prompt + encode(tokenizer, "4") + [tokenizer.eos_token_id]
+    assert example["labels"] == [data.IGNORE] * len(prompt) + example["input_ids"][len(prompt):]
+    with pytest.raises(UserError, match="does not mark assistant replies"):
+        supervised(tokenizer, "chat", {"messages": [CONVERSATION]}, chat_template="{{ messages[0]['content'] }}")
+
+
+def test_format_detection_of_every_format():
+    cfg = DataConfig(train="x")
+    columns = {"text": {"text": ["a"]}, "sft": {"prompt": ["a"], "response": ["b"]},
+               "alpaca": {"instruction": ["a"], "input": [""], "output": ["b"]},
+               "chat": {"messages": [[{"role": "user", "content": "a"}]]},
+               "chat ": {"conversations": [[{"from": "human", "value": "a"}]]}}
+    for fmt, rows in columns.items():
+        assert data.detect_format(datasets.Dataset.from_dict(rows), cfg) == fmt.strip()
+    with pytest.raises(UserError, match="data.format=alpaca needs .* 'instruction'\\+'output' \\(alpaca\\)"):
+        data.detect_format(datasets.Dataset.from_dict(columns["sft"]), DataConfig(train="x", format="alpaca"))
+
+
+def write_jsonl(path, rows) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_sources_mix_by_weight_reproducibly_and_each_holds_out_its_share(tokenizer, tmp_path):
+    alpaca = write_jsonl(tmp_path / "alpaca.jsonl", [{"instruction": f"Say {i}.", "output": f"{i}"} for i in range(40)])
+    chat = write_jsonl(tmp_path / "chat.jsonl", [{"messages": [{"role": "user", "content": f"Hi {i}"},
+                                                               {"role": "assistant", "content": f"Hello {i}"}]}
+                                                 for i in range(20)])
+    cfg = DataConfig(train=[alpaca, chat], weights=[2.0, 0.5], eval_fraction=0.1, block_size=1024)
+    train, held_out = data.load_raw(cfg, seed=1)
+    assert [(p.format, len(p.rows), p.weight) for p in train] == [("alpaca", 36, 2.0), ("chat", 18, 0.5)]
+    assert [(p.format, len(p.rows)) for p in held_out] == [("alpaca", 4), ("chat", 2)]
+    mixed = data.tokenize_for_training(train, tokenizer, cfg, seed=1)
+    chat_rows = [ids for ids in mixed["input_ids"] if "### User:" in tokenizer.decode(ids)]
+    assert len(mixed) == 2 * 36 + 9 and len(chat_rows) == 9
+    assert data.tokenize_for_training(train, tokenizer, cfg, seed=1)["input_ids"] == mixed["input_ids"]
+    other = data.tokenize_for_training(train, tokenizer, cfg, seed=2)["input_ids"]
+    assert sorted(map(tuple, other)) != sorted(map(tuple, mixed["input_ids"]))  # another seed, another half
+    scored = data.tokenize_for_eval(held_out, tokenizer, cfg, max_length=1024)
+    assert len(scored) == 6
+
+    text = write_jsonl(tmp_path / "text.jsonl", [{"text": f"document {i}"} for i in range(20)])
+    with pytest.raises(UserError, match=f"data.train mixes text sources \\({text}\\) with instruction or chat"):
+        data.load_raw(DataConfig(train=[alpaca, text]), seed=1)
+
+
+def test_packed_chat_rows_hold_exactly_the_examples(tokenizer):
+    conversations = [CONVERSATION[:1 + 2 * turns] for turns in (1, 2)] * 3
+    alone = supervised(tokenizer, "chat", {"messages": conversations})
+    rows = supervised(tokenizer, "chat", {"messages": conversations}, packing=True, block_size=256)
+    unpacked = []
+    for row in rows:
+        start = 0
+        for length in row["lengths"]:
+            unpacked.append((row["input_ids"][start:start + length], row["labels"][start:start + length]))
+            start += length
+    # an example's first label is never scored in a row (nothing before it of its own); the first token is BOS
+    assert sorted(unpacked) == sorted((e["input_ids"], [data.IGNORE] + e["labels"][1:]) for e in alone)
+    assert len(rows) < len(alone)

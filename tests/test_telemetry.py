@@ -233,7 +233,8 @@ def epoch_tokens(out: Path, train: Path) -> int:
 
     cfg = config.load(out / "config.yaml")
     tokenizer = AutoTokenizer.from_pretrained(out / "tokenizer")
-    sequences = data.tokenize_for_training(data.load_source(str(train)), tokenizer, cfg.data, "sft")
+    sequences = data.tokenize_for_training([data.Part(str(train), "sft", data.load_source(str(train)))], tokenizer,
+                                           cfg.data)
     assert len(sequences) % (MICRO * ACCUM) == 0  # the epoch is whole steps: no sequence dropped
     return sum(len(ids) for ids in sequences["input_ids"])
 

@@ -9,6 +9,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -249,7 +250,7 @@ def test_epochs_count_steps_and_log_every_n(epoch_runs):
 
     cfg = config_lib.load(full / "config.yaml")
     blocks = data.tokenize_for_training(data.load_raw(cfg.data, cfg.train.seed)[0],
-                                        build_tokenizer(cfg.model, cache_dir=full / "tokenizer"), cfg.data, "text")
+                                        build_tokenizer(cfg.model, cache_dir=full / "tokenizer"), cfg.data)
     steps = 2 * (len(blocks) // 4)  # 2 epochs of full micro-batches of 4, no accumulation
     assert runtime(full)["max_steps"] == steps and steps >= 8
     logged = [r["step"] for r in metrics(full)[0]]
@@ -405,3 +406,26 @@ def test_keep_best_and_early_stopping_need_evaluations():
         config_lib.load(None, ["data.train=x.jsonl", "checkpoint.keep_best=true", "checkpoint.every=3", "eval.every=2"])
     with pytest.raises(UserError, match="train.early_stopping_patience counts evaluations: set eval.every"):
         config_lib.load(None, ["data.train=x.jsonl", "train.early_stopping_patience=2"])
+
+
+def test_a_chat_and_instruction_mix_trains_and_saves_the_template_it_trained_with(tmp_path):
+    from transformers import AutoTokenizer
+
+    from toolkit import data
+
+    out = tmp_path / "mix"
+    launch("toolkit.train", tiny_run("x", out, **{"data.train": "[builtin:chat-tasks,builtin:sft-tasks]",
+                                                  "data.weights": "[1,0.5]", "data.block_size": 128}), config=None)
+    assert runtime(out)["data_format"] == "chat,sft"
+    tokenizer = AutoTokenizer.from_pretrained(out / "final")
+    assert tokenizer.chat_template == data.DEFAULT_CHAT_TEMPLATE
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is 2 plus 2?"}], tokenize=False,
+                                           add_generation_prompt=True)
+    assert prompt == "</s>### User:\nWhat is 2 plus 2?\n\n### Assistant:\n"
+    card = (out / "final" / "README.md").read_text()  # its "How to load" runs as written
+    code = card.split("```python\n")[1].split("```")[0].replace("path/to/this/directory", str(out / "final"))
+    assert "apply_chat_template" in code
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, timeout=300)
+    launch("toolkit.evaluate", ["--checkpoint", str(out / "final"), "--report", str(out / "eval.json")], config=None)
+    (result,) = json.loads((out / "eval.json").read_text())["results"]
+    assert result["documents"] == 75 + 150  # 5% of each source held out, every one scored

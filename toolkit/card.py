@@ -31,7 +31,8 @@ def model_card(cfg: RunConfig, step: int, metrics: Path, adapter: bool) -> str:
              + (f" with LoRA (r={cfg.lora.r}, alpha={cfg.lora.alpha}, on {', '.join(cfg.lora.target_modules)})"
                 if adapter else "") + ".", "",
              "## Data", "",
-             f"- training: `{cfg.data.train}`" + (f" (split `{cfg.data.split}`)" if cfg.data.split else ""),
+             *(f"- training: `{source}`" + (f" (split `{cfg.data.split}`)" if cfg.data.split else "")
+               + (f", weight {weight:g}" if cfg.data.weights else "") for source, weight in cfg.data.sources()),
              f"- held out: `{cfg.data.eval}`" if cfg.data.eval
              else f"- held out: {cfg.data.eval_fraction:.0%} of the training documents",
              f"- format: {run.get('data_format', cfg.data.format)}, blocks of {cfg.data.block_size} tokens"
@@ -43,7 +44,8 @@ def model_card(cfg: RunConfig, step: int, metrics: Path, adapter: bool) -> str:
              f"- {cfg.optim.name}, lr {cfg.optim.lr}, {cfg.optim.scheduler} schedule, {cfg.optim.warmup_steps} warm-up "
              f"steps, weight decay {cfg.optim.weight_decay}", "",
              *_results(metrics, step),
-             "## How to load", "", "```python", *_loading(adapter, base, from_hub), "```", "",
+             "## How to load", "", "```python", *_loading(adapter, base, from_hub),
+             *(_chatting() if "chat" in run.get("data_format", "") else []), "```", "",
              "<details><summary>The run config</summary>", "", "```yaml",
              yaml.safe_dump({k: v for k, v in to_dict(cfg).items() if k != "runtime"}, sort_keys=False).strip(),
              "```", "", "</details>", ""]
@@ -72,3 +74,12 @@ def _loading(adapter: bool, base: str, from_hub: bool) -> list[str]:
             'model = PeftModel.from_pretrained(base, "path/to/this/directory")',
             'tokenizer = AutoTokenizer.from_pretrained("path/to/this/directory")',
             "# or, if the run merged the adapter: AutoModelForCausalLM.from_pretrained(\"path/to/this/directory/merged\")"]
+
+
+def _chatting() -> list[str]:
+    return ["", "# trained on conversations: prompt it through the chat template it was trained with",
+            'messages = [{"role": "user", "content": "..."}]',
+            'inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True, '
+            'return_tensors="pt")',
+            'reply = model.generate(**inputs, max_new_tokens=64)[0, inputs["input_ids"].shape[1]:]',
+            "print(tokenizer.decode(reply, skip_special_tokens=True))"]

@@ -25,7 +25,8 @@ STEP_DIR = re.compile(r"^step-(\d+)$")
 # What a resumed run must share with the checkpoint: anything else would silently train another
 # model or another data order. (Step counts, cadences, evaluation and output settings may change.)
 # The packing and the data's field names change what the saved data position counts.
-MUST_MATCH = ("model.name_or_path", "model.revision", "data.train", "data.eval", "data.eval_fraction",
+MUST_MATCH = ("model.name_or_path", "model.revision", "data.train", "data.weights", "data.chat_template", "data.eval",
+              "data.eval_fraction",
               "data.block_size", "data.format", "data.split", "data.packing", "data.text_field",
               "data.prompt_field", "data.response_field", "train.seed", "optim.name", "lora.enabled", "lora.r",
               "lora.alpha", "lora.target_modules")

@@ -89,9 +89,13 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    train: str = ""
+    train: str | list[str] = ""
     """Local .txt/.jsonl/.json/.csv/.parquet file, a hub dataset as `name` or `name:config`, or
-    builtin:stdlib-docs / builtin:sft-tasks (made by the toolkit, offline)."""
+    builtin:stdlib-docs / builtin:sft-tasks / builtin:chat-tasks (made by the toolkit, offline); a list
+    of them (`[a.jsonl,b.jsonl]`) mixes several, each in its own format."""
+    weights: list[float] | None = None
+    """With several `train` sources: each one's share, as a multiple of its examples per epoch (0.5 takes a
+    seeded half, 2 every example twice); None weighs every source 1."""
     eval: str | None = None
     """Held-out data, same forms as `train`; None splits `eval_fraction` off the training data."""
     eval_fraction: float = 0.05
@@ -103,7 +107,13 @@ class DataConfig:
     block_size: int = 128
     """Tokens per training sequence (text: packed block length; sft: maximum length)."""
     format: str = "auto"
-    """auto | text (`text` field, packed) | sft (`prompt`/`response` fields, prompt masked)."""
+    """auto (from each source's columns) | text (`text` field, packed) | sft (`prompt`/`response` fields, prompt
+    masked) | alpaca (`instruction`, optional `input`, `output`, through the Alpaca prompt) | chat (`messages`
+    of role/content, or sharegpt `conversations` of from/value, through the chat template; loss on assistant
+    turns)."""
+    chat_template: str | None = None
+    """Chat data: a Jinja chat template, or a file holding one, with each assistant reply inside
+    {% generation %}...{% endgeneration %}; None uses the tokenizer's own or, if it has none (OPT), the toolkit's."""
     packing: bool = False
     """sft: put several examples in each `block_size` row instead of padding each to the batch's longest; each
     example still attends only to itself and keeps its own positions (text is always packed)."""
@@ -116,6 +126,11 @@ class DataConfig:
     num_proc: int = 1
     """Processes that tokenize and pack the data (datasets' `map`), on the main process the first time; later
     runs reuse the cache. The other ranks wait for it as long as it takes."""
+
+    def sources(self) -> list[tuple[str, float]]:
+        """(source, weight) for each training source."""
+        names = [self.train] if isinstance(self.train, str) else self.train
+        return list(zip(names, self.weights or [1.0] * len(names)))
 
 
 @dataclass
@@ -271,7 +286,7 @@ class RunConfig:
 
 
 CHOICES = {
-    "data.format": ("auto", "text", "sft"),
+    "data.format": ("auto", "text", "sft", "alpaca", "chat"),
     "optim.name": ("adamw", "adamw_8bit", "paged_adamw_8bit", "deepspeed"),
     "optim.scheduler": ("linear", "cosine", "constant"),
     "checkpoint.export_dtype": ("fp32", "bf16", "fp16"),
@@ -353,7 +368,7 @@ def _show(value) -> str:
     if isinstance(value, bool):
         return str(value).lower()
     if isinstance(value, list):
-        return ",".join(value)
+        return ",".join(map(str, value))
     return "null" if value is None else '""' if value == "" else str(value)
 
 
@@ -424,9 +439,15 @@ def _coerce(hint, value, key: str):
         if typing.get_origin(option) is list:
             if isinstance(value, str):  # `lora.target_modules=q_proj,v_proj` on the command line
                 value = [v for v in value.split(",") if v]
-            if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            (item,) = typing.get_args(option)
+            if isinstance(value, list) and item is str and all(isinstance(v, str) for v in value):
                 return value
-    wanted = " or ".join(getattr(o, "__name__", str(o)) for o in options if o is not type(None))
+            if isinstance(value, list) and item is float and not any(isinstance(v, bool) for v in value):
+                try:  # `data.weights=1,0.5` arrives as strings
+                    return [float(v) for v in value]
+                except (TypeError, ValueError):
+                    pass
+    wanted = " or ".join(str(o) if typing.get_args(o) else o.__name__ for o in options if o is not type(None))
     raise UserError(f"{key} must be {wanted}, got {value!r}")
 
 
@@ -449,6 +470,11 @@ def validate(cfg: RunConfig) -> None:
             raise UserError(f"{key} must be >= 0, got {get(cfg, key)!r}")
     if not cfg.data.train:
         raise UserError("data.train is not set: give a training file or hub dataset, e.g. data.train=data/train.jsonl")
+    if cfg.data.weights is not None:
+        sources = [cfg.data.train] if isinstance(cfg.data.train, str) else cfg.data.train
+        if len(cfg.data.weights) != len(sources) or not all(w > 0 for w in cfg.data.weights):
+            raise UserError(f"data.weights={_show(cfg.data.weights)} must give one weight > 0 for each of the "
+                            f"{len(sources)} data.train sources, in the same order")
     if cfg.train.max_steps == 0 and cfg.train.epochs == 0:
         raise UserError("train.max_steps and train.epochs are both 0: set one of them")
     profiled_to = PROFILE_WARMUP + cfg.train.profile_steps

@@ -1,4 +1,7 @@
-"""Data: load (local files or hub) -> tokenize -> pack (text) or mask prompts (sft) -> batches.
+"""Data: load (local files or hub) -> tokenize -> pack (text) or mask prompts (sft, alpaca, chat) -> batches.
+
+Each `data.train` source keeps its own format (detected from its columns) and weight; the sources
+are mixed after tokenizing, so sft, alpaca and chat data pack into the same rows.
 
 Everything goes through `datasets` so tokenization is batched and cached on disk: the main
 process tokenizes first (`accelerator.main_process_first()` in train.py) and the other ranks
@@ -10,7 +13,10 @@ from __future__ import annotations
 import bisect
 import hashlib
 import json
+import random
+import re
 from pathlib import Path
+from typing import NamedTuple
 
 import datasets
 import torch
@@ -80,30 +86,83 @@ def check_json_lines(path: Path) -> None:
                                 'e.g. {"text": "..."}')
 
 
-def load_raw(cfg: DataConfig, seed: int) -> tuple[datasets.Dataset, datasets.Dataset]:
-    """(train, held-out) raw documents; held-out is `cfg.eval` or a seeded split of `cfg.train`."""
-    train = load_source(cfg.train, cfg.split)
+class Part(NamedTuple):
+    """One data source: its raw rows, their format, and its weight in the training mix."""
+    name: str
+    format: str
+    rows: datasets.Dataset
+    weight: float = 1.0
+
+
+def load_part(source: str, cfg: DataConfig, split: str, fix: str | None = None) -> Part:
+    rows = load_source(source, split)
+    return Part(source, detect_format(rows, cfg, source, fix or FIELDS_FIX), rows)
+
+
+def load_raw(cfg: DataConfig, seed: int) -> tuple[list[Part], list[Part]]:
+    """(training, held-out) parts: a part per `data.train` source with its weight; held out is
+    `data.eval`, or a seeded `eval_fraction` of each source, so each is scored."""
+    train, held_out = [], []
+    for source, weight in cfg.sources():
+        part = load_part(source, cfg, cfg.split)
+        if not cfg.eval:
+            if len(part.rows) < 2:
+                raise UserError(f"data {source} has one document; give data.eval or more documents to hold some out")
+            split = part.rows.train_test_split(test_size=max(1, round(len(part.rows) * cfg.eval_fraction)), seed=seed)
+            held_out.append(part._replace(rows=split["test"]))
+            part = part._replace(rows=split["train"])
+        train.append(part._replace(weight=weight))
     if cfg.eval:
-        return train, load_source(cfg.eval, cfg.eval_split)
-    if len(train) < 2:
-        raise UserError(f"data {cfg.train} has one document; give data.eval or more documents to hold some out")
-    parts = train.train_test_split(test_size=max(1, round(len(train) * cfg.eval_fraction)), seed=seed)
-    return parts["train"], parts["test"]
+        held_out.append(load_part(cfg.eval, cfg, cfg.eval_split))
+    check_one_kind(train)
+    return train, held_out
 
 
-FIELDS_FIX = "rename the columns or set data.text_field / data.prompt_field / data.response_field"
+def check_one_kind(parts: list[Part]) -> None:
+    """Text is packed into blocks of documents and trains on every token; the other formats train on
+    responses only: one training set holds one kind."""
+    if len({p.format == "text" for p in parts}) > 1:
+        text = [p.name for p in parts if p.format == "text"]
+        raise UserError(f"data.train mixes text sources ({', '.join(text)}) with instruction or chat sources: "
+                        "train them in separate runs (e.g. text first, then resume=... with the others)")
 
 
-def detect_format(ds: datasets.Dataset, cfg: DataConfig, fix: str = FIELDS_FIX) -> str:
-    """text or sft, from the columns and data.format; `fix`: the error's advice (the caller's options)."""
+FIELDS_FIX = "rename the columns or set data.format / data.text_field / data.prompt_field / data.response_field"
+CHAT_COLUMNS = ("messages", "conversations")  # role/content messages; sharegpt's from/value turns
+
+
+def detect_format(ds: datasets.Dataset, cfg: DataConfig, source: str = "", fix: str = FIELDS_FIX) -> str:
+    """The format of a source's rows: data.format, or the first whose columns are there
+    (chat, alpaca, sft, text); `fix`: the error's advice (the caller's options)."""
     columns = set(ds.column_names)
-    sft = {cfg.prompt_field, cfg.response_field} <= columns
-    text = cfg.text_field in columns
-    fmt = cfg.format if cfg.format != "auto" else "sft" if sft else "text" if text else None
-    if fmt is None or (fmt == "sft" and not sft) or (fmt == "text" and not text):
-        raise UserError(f"data has columns {sorted(columns)}; data.format={cfg.format} needs "
-                        f"'{cfg.text_field}' (text) or '{cfg.prompt_field}'+'{cfg.response_field}' (sft): {fix}")
+    present = {"chat": bool(columns & set(CHAT_COLUMNS)), "alpaca": {"instruction", "output"} <= columns,
+               "sft": {cfg.prompt_field, cfg.response_field} <= columns, "text": cfg.text_field in columns}
+    fmt = cfg.format if cfg.format != "auto" else next((f for f, found in present.items() if found), None)
+    if fmt is None or not present[fmt]:
+        raise UserError(f"data {source + ' ' if source else ''}has columns {sorted(columns)}; data.format="
+                        f"{cfg.format} needs '{cfg.text_field}' (text), '{cfg.prompt_field}'+'{cfg.response_field}' "
+                        f"(sft), 'instruction'+'output' (alpaca) or 'messages'/'conversations' (chat): {fix}")
     return fmt
+
+
+def weighted(rows: datasets.Dataset, weight: float, seed: int) -> datasets.Dataset:
+    """`weight` times the rows: each whole time all of them, the fraction a seeded sample."""
+    whole, fraction = divmod(weight, 1)
+    picks = list(range(len(rows))) * int(whole)
+    picks += sorted(random.Random(seed).sample(range(len(rows)), round(fraction * len(rows))))
+    return rows if weight == 1 else rows.select(picks)
+
+
+def plain_texts(parts: list[Part], cfg: DataConfig):
+    """Every example's strings (a preset's tokenizer is trained on them)."""
+    for part in parts:
+        for batch in part.rows.iter(batch_size=1000):
+            if part.format == "text":
+                yield from batch[cfg.text_field]
+            elif part.format == "chat":
+                yield from ("\n".join(m["content"] for m in to_messages(c)) for c in batch[chat_column(batch)])
+            else:
+                yield from (p + r for p, r, _ in prompts_and_responses(batch, part.format, cfg))
 
 
 def check_block_size(block_size: int, max_positions: int, key: str = "data.block_size") -> None:
@@ -126,20 +185,29 @@ def cached_map(ds: datasets.Dataset, function, num_proc: int = 1, **kwargs) -> d
     return ds.map(function, new_fingerprint=fingerprint, num_proc=num_proc if num_proc > 1 else None, **kwargs)
 
 
-def tokenize_for_training(ds: datasets.Dataset, tokenizer, cfg: DataConfig, fmt: str) -> datasets.Dataset:
+def tokenize_for_training(parts: list[Part], tokenizer, cfg: DataConfig, seed: int = 0) -> datasets.Dataset:
     """Text: documents tokenized, concatenated and cut into `block_size` blocks (the tail that does
-    not fill a block is dropped). SFT: prompt+response per example, prompt labels masked."""
-    if fmt == "text":
-        ids = cached_map(ds, lambda b: {"input_ids": tokenizer(b[cfg.text_field])["input_ids"]}, batched=True,
-                         remove_columns=ds.column_names, desc="tokenize", num_proc=cfg.num_proc)
+    not fill a block is dropped). Others: one example per row (prompt labels masked, EOS after each
+    response), packed into rows if `data.packing`. Each part is repeated or sampled by its weight."""
+    check_one_kind(parts)
+    template = chat_template(tokenizer, cfg) if any(p.format == "chat" for p in parts) else ""
+    if parts[0].format == "text":
+        def encode(batch):
+            return {"input_ids": tokenizer(batch[cfg.text_field])["input_ids"]}
+        ids = datasets.concatenate_datasets([
+            cached_map(weighted(p.rows, p.weight, seed), encode, batched=True, remove_columns=p.rows.column_names,
+                       desc="tokenize", num_proc=cfg.num_proc) for p in parts])
         blocks = pack_stream(ids, cfg.block_size)
     else:
-        blocks = cached_map(ds, _sft_example, batched=True, remove_columns=ds.column_names, desc="tokenize sft",
-                            fn_kwargs={"tokenizer": tokenizer, "cfg": cfg}, num_proc=cfg.num_proc)
+        blocks = datasets.concatenate_datasets([
+            cached_map(weighted(p.rows, p.weight, seed), _supervised_example, batched=True,
+                       remove_columns=p.rows.column_names, desc=f"tokenize {p.format}", num_proc=cfg.num_proc,
+                       fn_kwargs={"tokenizer": tokenizer, "cfg": cfg, "fmt": p.format, "template": template})
+            for p in parts])
         if cfg.packing:
             blocks = cached_map(blocks, _pack_examples, batched=True, batch_size=10_000,
                                 remove_columns=blocks.column_names, fn_kwargs={"block_size": cfg.block_size},
-                                desc="pack sft")
+                                desc="pack")
     if len(blocks) == 0:
         raise UserError(f"data yields no training sequences of data.block_size={cfg.block_size}: "
                         "give more text or lower data.block_size")
@@ -183,28 +251,122 @@ def _pack_examples(batch, block_size: int):
     return rows
 
 
-def _sft_example(batch, tokenizer, cfg: DataConfig):
+def _supervised_example(batch, tokenizer, cfg: DataConfig, fmt: str, template: str):
     out = {"input_ids": [], "labels": []}
-    for ids, labels, _ in _sft_tokens(batch, tokenizer, cfg, cfg.block_size):
+    for ids, labels, _ in supervised_tokens(batch, tokenizer, cfg, fmt, template, cfg.block_size):
         out["input_ids"].append(ids)
         out["labels"].append(labels)
     return out
 
 
-def _sft_tokens(batch, tokenizer, cfg: DataConfig, max_length: int):
-    """(input_ids, labels, response) per example: prompt tokens masked, EOS ends the response,
-    cut at `max_length`. An example whose prompt fills the window teaches nothing and is dropped."""
-    prompts = tokenizer(batch[cfg.prompt_field])["input_ids"]
-    responses = tokenizer(batch[cfg.response_field], add_special_tokens=False)["input_ids"]
-    for prompt, response, text in zip(prompts, responses, batch[cfg.response_field]):
-        response = response + [tokenizer.eos_token_id]
-        ids = (prompt + response)[:max_length]
-        labels = ([IGNORE] * len(prompt) + response)[:max_length]
+def supervised_tokens(batch, tokenizer, cfg: DataConfig, fmt: str, template: str, max_length: int):
+    """(input_ids, labels, trained text) per example of sft, alpaca or chat data: only responses
+    (assistant turns) carry labels, each followed by EOS; cut at `max_length`. An example left
+    with nothing to learn (its prompt fills the window) is dropped."""
+    if fmt == "chat":
+        examples = chat_tokens(batch[chat_column(batch)], tokenizer, template)
+    else:
+        examples = prompt_response_tokens(batch, tokenizer, cfg, fmt)
+    for ids, labels, text in examples:
+        ids, labels = ids[:max_length], labels[:max_length]
         if any(label != IGNORE for label in labels[1:]):
             yield ids, labels, text
 
 
-def tokenize_for_eval(ds: datasets.Dataset, tokenizer, cfg: DataConfig, fmt: str, max_length: int,
+def prompt_response_tokens(batch, tokenizer, cfg: DataConfig, fmt: str):
+    prompts, responses, texts = zip(*prompts_and_responses(batch, fmt, cfg))
+    prompt_ids = tokenizer(list(prompts))["input_ids"]
+    response_ids = tokenizer(list(responses), add_special_tokens=False)["input_ids"]
+    for prompt, response, text in zip(prompt_ids, response_ids, texts):
+        response = response + [tokenizer.eos_token_id]
+        yield prompt + response, [IGNORE] * len(prompt) + response, text
+
+
+# Stanford Alpaca's prompts (github.com/tatsu-lab/stanford_alpaca), which alpaca-style data sets and
+# the models tuned on them expect; `input` is optional.
+ALPACA_PROMPT = ("Below is an instruction that describes a task. Write a response that appropriately completes "
+                 "the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
+ALPACA_PROMPT_WITH_INPUT = ("Below is an instruction that describes a task, paired with an input that provides "
+                            "further context. Write a response that appropriately completes the request.\n\n"
+                            "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
+
+
+def prompts_and_responses(batch, fmt: str, cfg: DataConfig):
+    """(prompt, response, response) per row of sft or alpaca data (sft: the fields as they are)."""
+    if fmt == "sft":
+        return zip(batch[cfg.prompt_field], batch[cfg.response_field], batch[cfg.response_field])
+    inputs = batch.get("input") or [""] * len(batch["instruction"])
+    prompts = [(ALPACA_PROMPT_WITH_INPUT if context else ALPACA_PROMPT).format(instruction=instruction, input=context)
+               for instruction, context in zip(batch["instruction"], inputs)]
+    return zip(prompts, batch["output"], batch["output"])
+
+
+# OPT ships no chat template. This one marks each assistant reply (and its EOS, so the model learns
+# to stop) as {% generation %}: transformers' assistant mask then says which tokens carry loss.
+# (The newlines after a block tag are an expression: transformers renders with trim_blocks.)
+DEFAULT_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ message['content'] }}\n\n"
+    "{% elif message['role'] == 'user' %}### User:\n{{ message['content'] }}\n\n"
+    "{% elif message['role'] == 'assistant' %}### Assistant:\n"
+    "{% generation %}{{ message['content'] }}{{ eos_token }}{% endgeneration %}{{ '\\n\\n' }}"
+    "{% else %}{{ raise_exception('unknown chat role ' + message['role'] + ': use system, user or assistant') }}"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}### Assistant:\n{% endif %}")
+GENERATION_BLOCK = re.compile(r"{%-?\s*generation\s*-?%}")
+
+
+def chat_template(tokenizer, cfg: DataConfig) -> str:
+    """data.chat_template (text or a file), else the tokenizer's own, else the toolkit's for OPT."""
+    template = cfg.chat_template
+    if template and "{" not in template:
+        path = Path(template)
+        if not path.is_file():
+            raise UserError(f"data.chat_template={template} is neither a Jinja template nor an existing file")
+        template = path.read_text()
+    template = template or tokenizer.chat_template or DEFAULT_CHAT_TEMPLATE
+    if not GENERATION_BLOCK.search(template):
+        raise UserError("the chat template does not mark assistant replies, so the loss can't be limited to them: "
+                        "set data.chat_template to one with {% generation %}...{% endgeneration %} around each reply")
+    return template
+
+
+def chat_column(batch) -> str:
+    return next(c for c in CHAT_COLUMNS if c in batch)
+
+
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+def to_messages(turns: list[dict]) -> list[dict]:
+    """role/content messages, from themselves or from sharegpt's from/value turns (human, gpt, system)."""
+    messages = []
+    for turn in turns:
+        if turn.get("role") is not None:
+            messages.append({"role": turn["role"], "content": turn.get("content") or ""})
+        elif turn.get("from") in ROLES:
+            messages.append({"role": ROLES[turn["from"]], "content": turn.get("value") or ""})
+        else:
+            raise UserError(f"chat turn {dict(turn)} has neither a role nor a sharegpt 'from' of "
+                            f"{', '.join(ROLES)}: fix the data")
+    return messages
+
+
+def chat_tokens(conversations, tokenizer, template: str):
+    """Each conversation through the chat template; labels on the assistant-marked tokens."""
+    import jinja2
+
+    conversations = [to_messages(c) for c in conversations]
+    try:
+        out = tokenizer.apply_chat_template(conversations, chat_template=template, tokenize=True, return_dict=True,
+                                            return_assistant_tokens_mask=True)
+    except jinja2.TemplateError as e:
+        raise UserError(f"the chat template failed on the data: {e}") from None
+    for messages, ids, mask in zip(conversations, out["input_ids"], out["assistant_masks"]):
+        labels = [token if trained else IGNORE for token, trained in zip(ids, mask)]
+        yield ids, labels, "".join(m["content"] for m in messages if m["role"] == "assistant")
+
+
+def tokenize_for_eval(parts: list[Part], tokenizer, cfg: DataConfig, max_length: int,
                       stride: int | None = None) -> datasets.Dataset:
     """Each document scored on its own, in its own encoding (`tokenizer(text)`).
 
@@ -212,12 +374,14 @@ def tokenize_for_eval(ds: datasets.Dataset, tokenizer, cfg: DataConfig, fmt: str
     document (as lm-evaluation-harness and the transformers perplexity guide do): every token is
     predicted exactly once, with up to `max_length - stride` tokens of context from the window
     before. `n_bytes` and `documents` sit on a document's first window only so sums count each once.
-    SFT examples are scored on their response tokens, like training."""
+    Examples of the other formats are scored on their responses, like training."""
     stride = stride or max(1, max_length // 2)
-    def fn(batch):
+    template = chat_template(tokenizer, cfg) if any(p.format == "chat" for p in parts) else ""
+
+    def fn(batch, fmt):
         out = {"input_ids": [], "labels": [], "n_bytes": [], "documents": []}
-        if fmt == "sft":
-            for ids, labels, response in _sft_tokens(batch, tokenizer, cfg, max_length):
+        if fmt != "text":
+            for ids, labels, response in supervised_tokens(batch, tokenizer, cfg, fmt, template, max_length):
                 out["input_ids"].append(ids)
                 out["labels"].append(labels)
                 out["n_bytes"].append(len(response.encode()))
@@ -230,8 +394,9 @@ def tokenize_for_eval(ds: datasets.Dataset, tokenizer, cfg: DataConfig, fmt: str
                     out["n_bytes"].append(len(text.encode()) if i == 0 else 0)
                     out["documents"].append(1 if i == 0 else 0)
         return out
-    windows = cached_map(ds, fn, batched=True, remove_columns=ds.column_names, desc="tokenize held-out",
-                         num_proc=cfg.num_proc)
+    windows = datasets.concatenate_datasets([
+        cached_map(p.rows, fn, batched=True, remove_columns=p.rows.column_names, fn_kwargs={"fmt": p.format},
+                   desc="tokenize held-out", num_proc=cfg.num_proc) for p in parts])
     if len(windows) == 0:
         raise UserError("held-out data has no scorable tokens: give documents with at least two tokens")
     return windows

@@ -4,6 +4,7 @@
   library (read with `ast`, nothing imported), one document per module/class/function.
 - `builtin:sft-tasks`: instruction pairs of varied lengths generated from a seed (arithmetic,
   spelling numbers, reversing, sorting, counting).
+- `builtin:chat-tasks`: conversations of one to three of those exchanges, as chat messages.
 
 Use them as `data.train=builtin:stdlib-docs`, or write them out:
 `python -m toolkit.demo_data --out data/` (jsonl files, e.g. for `toolkit.evaluate --data`).
@@ -80,7 +81,20 @@ def sft_tasks(n: int = 3000, seed: int = 0):
                    "response": f" There are {_spell(len(words))} words: {', '.join(words)}."}
 
 
-BUILTIN = {"stdlib-docs": stdlib_docs, "sft-tasks": sft_tasks}
+def chat_tasks(n: int = 1500, seed: int = 1):
+    """Conversations of one to three sft-tasks exchanges (role/content messages), some with a system turn."""
+    rng = random.Random(seed)
+    pairs = sft_tasks(n * 3, seed)
+    for _ in range(n):
+        messages = [{"role": "system", "content": "You answer in one line."}] if rng.random() < 0.3 else []
+        for _ in range(rng.randrange(1, 4)):
+            pair = next(pairs)
+            messages += [{"role": "user", "content": pair["prompt"].removesuffix("\nAnswer:")},
+                         {"role": "assistant", "content": pair["response"].strip()}]
+        yield {"messages": messages}
+
+
+BUILTIN = {"stdlib-docs": stdlib_docs, "sft-tasks": sft_tasks, "chat-tasks": chat_tasks}
 
 
 def load_builtin(name: str) -> datasets.Dataset:

@@ -193,28 +193,28 @@ def held_out(args, target: Target, tokenizer, max_positions: int):
     from . import data
     data_cfg = target.run.data if target.run else DataConfig()
     if args.data:
-        raw = data.load_source(args.data, data_cfg.eval_split)
+        parts = [data.load_part(args.data, data_cfg, data_cfg.eval_split,
+                                fix="rename the data's columns to those (the fields the model was trained with)")]
     elif target.run:
-        raw = data.load_raw(target.run.data, target.run.train.seed)[1]
+        parts = data.load_raw(target.run.data, target.run.train.seed)[1]
     else:
         raise UserError(f"{target.path} has no run config.yaml to take the held-out split from: pass --data FILE")
-    fmt = data.detect_format(raw, data_cfg, fix="rename the data's columns to those (the fields the model was "
-                                                "trained with)")
     if args.packed:
         block_size = args.max_length or data_cfg.block_size
         data.check_block_size(block_size, max_positions, key="--max-length")
-        return packed_blocks(raw, tokenizer, dataclasses.replace(data_cfg, block_size=block_size), fmt)
+        return packed_blocks(parts, tokenizer, dataclasses.replace(data_cfg, block_size=block_size))
     max_length = args.max_length or max_positions
     data.check_block_size(max_length, max_positions, key="--max-length")
-    return data.tokenize_for_eval(raw, tokenizer, data_cfg, fmt, max_length=max_length, stride=args.stride or None)
+    return data.tokenize_for_eval(parts, tokenizer, data_cfg, max_length=max_length, stride=args.stride or None)
 
 
-def packed_blocks(raw, tokenizer, data_cfg: DataConfig, fmt: str):
+def packed_blocks(parts, tokenizer, data_cfg: DataConfig):
     """Training's blocks, each with the UTF-8 bytes of the tokens it scores (so bits_per_byte
     means the same as unpacked) and the documents that start in it (text: each begins with BOS)."""
     from . import data
     from .data import IGNORE
-    blocks = data.tokenize_for_training(raw, tokenizer, data_cfg, fmt)
+    blocks = data.tokenize_for_training(parts, tokenizer, data_cfg)
+    text = parts[0].format == "text"
 
     def count(batch):
         out = {"n_bytes": [], "documents": []}
@@ -222,7 +222,7 @@ def packed_blocks(raw, tokenizer, data_cfg: DataConfig, fmt: str):
             labels = batch["labels"][i] if "labels" in batch else ids
             scored = [t for t in labels[1:] if t != IGNORE]
             out["n_bytes"].append(len(tokenizer.decode(scored, skip_special_tokens=True).encode()))
-            out["documents"].append(ids.count(tokenizer.bos_token_id) if fmt == "text" else 1)
+            out["documents"].append(ids.count(tokenizer.bos_token_id) if text else 1)
         return out
 
     return blocks.map(count, batched=True, desc="count bytes")

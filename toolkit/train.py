@@ -78,15 +78,15 @@ def run(cfg: RunConfig, accelerator, stop) -> None:
                                         strategy.checkpoint_layout(accelerator))
     set_seed(cfg.train.seed)  # dropout, and peft's LoRA init on a loaded checkpoint, alike on every rank
     with job.main_process_first(accelerator):  # rank 0 builds tokenizer and data caches, the others reuse them
-        raw_train, raw_eval = data.load_raw(cfg.data, cfg.train.seed)
-        fmt = data.detect_format(raw_train, cfg.data)
-        texts = raw_train[cfg.data.text_field] if fmt == "text" else (
-            p + r for p, r in zip(raw_train[cfg.data.prompt_field], raw_train[cfg.data.response_field]))
-        tokenizer = build_tokenizer(cfg.model, texts, cache_dir=out / "tokenizer")
+        train_parts, held_out_parts = data.load_raw(cfg.data, cfg.train.seed)
+        tokenizer = build_tokenizer(cfg.model, data.plain_texts(train_parts, cfg.data), cache_dir=out / "tokenizer")
+        if any(p.format == "chat" for p in train_parts):
+            # saved with every checkpoint and final/: users prompt the model the way it was trained
+            tokenizer.chat_template = data.chat_template(tokenizer, cfg.data)
         max_positions = model_config(cfg.model, tokenizer).max_position_embeddings
         data.check_block_size(cfg.data.block_size, max_positions)
-        train_set = data.tokenize_for_training(raw_train, tokenizer, cfg.data, fmt)
-        eval_set = data.tokenize_for_eval(raw_eval, tokenizer, cfg.data, fmt, max_length=max_positions)
+        train_set = data.tokenize_for_training(train_parts, tokenizer, cfg.data, cfg.train.seed)
+        eval_set = data.tokenize_for_eval(held_out_parts, tokenizer, cfg.data, max_length=max_positions)
 
     memory = measure.MemoryAtStart()
     with job.stop_together(accelerator):
@@ -113,7 +113,7 @@ def run(cfg: RunConfig, accelerator, stop) -> None:
     strategy.register_comm_hook(model, cfg)  # DDP: ddp.comm_hook
     cfg.runtime = strategy.verify(accelerator, model, optimizer, cfg)  # stop here if not what was asked
     cfg.runtime.update(launch.launch_record())
-    cfg.runtime.update(**cpu, max_steps=max_steps, data_format=fmt, activation_checkpointing=checkpointing,
+    cfg.runtime.update(**cpu, max_steps=max_steps, data_format=",".join(sorted({p.format for p in train_parts})), activation_checkpointing=checkpointing,
                        trainable_params=measure.trainable_numel(model))
     # What MFU is computed from: the model's FLOPs per token and this device's peak.
     flops = {**measure.model_flops(accelerator.unwrap_model(model)),
