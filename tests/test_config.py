@@ -114,3 +114,15 @@ def test_the_readme_config_reference_is_the_generated_one():
     assert table == config.reference_table()
     assert all(f"| `{key}` |" in table for key in ("model.revision", "data.split", "data.eval_split",
                                                    "data.text_field", "checkpoint.max_shard_size"))
+
+
+def test_sample_prompts_are_a_list_or_a_text_file(tmp_path):
+    from toolkit.validation import sample_prompts
+
+    cfg = config.load(None, ["data.train=x.txt", "eval.sample_prompts=[The river,Once upon a time]"])
+    assert sample_prompts(cfg.eval.sample_prompts) == ["The river", "Once upon a time"]
+    (tmp_path / "prompts.txt").write_text("The river\n\nOnce upon a time\n")
+    cfg = config.load(None, ["data.train=x.txt", f"eval.sample_prompts={tmp_path / 'prompts.txt'}"])
+    assert sample_prompts(cfg.eval.sample_prompts) == ["The river", "Once upon a time"]
+    with pytest.raises(UserError, match="eval.sample_prompts=missing.txt is not a .txt file"):
+        config.load(None, ["data.train=x.txt", "eval.sample_prompts=missing.txt"])

@@ -28,6 +28,8 @@ ARGS = {"train.micro_batch_size": 2, "train.grad_accum_steps": 2, "checkpoint.ke
 # 4 steps that stays below 1e-5 relative in the loss and 1e-4 in the weights (measured ~1e-7 and
 # ~5e-7), while a normalisation or sync bug moves them by 1e-2 or more.
 LOSS_RTOL, WEIGHT_ATOL = 1e-5, 1e-4
+# Evaluations at steps 0, 2 and 4, each with greedy samples (every rank generates under ZeRO-3 and FSDP).
+SAMPLES = {"eval.every": 2, "eval.sample_prompts": "[The,A function]", "eval.sample_max_new_tokens": 8}
 
 
 def expected(name: str) -> dict:
@@ -46,9 +48,28 @@ def expected(name: str) -> dict:
 @pytest.fixture(scope="module")
 def ddp_run(text_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp_ref")
-    launch("toolkit.train", tiny_run(text_data, out, **ARGS, **{"checkpoint.every": 2}), config="ddp",
+    launch("toolkit.train", tiny_run(text_data, out, **ARGS, **SAMPLES, **{"checkpoint.every": 2}), config="ddp",
            extra=["--mixed_precision", "no"])
     return out
+
+
+def samples(out: Path) -> list[tuple]:
+    return [(r["step"], r["prompt"], r["completion"]) for r in map(json.loads, (out / "samples.jsonl").open())]
+
+
+@pytest.mark.distributed
+def test_samples_are_the_trained_models_greedy_continuations(ddp_run):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    assert [(step, prompt) for step, prompt, _ in samples(ddp_run)] == \
+        [(step, prompt) for step in (0, 2, 4) for prompt in ("The", "A function")]
+    model = AutoModelForCausalLM.from_pretrained(ddp_run / "final")
+    tokenizer = AutoTokenizer.from_pretrained(ddp_run / "final")
+    for step, prompt, completion in samples(ddp_run)[-2:]:
+        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+        out = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        assert completion == tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    assert len({completion for _, _, completion in samples(ddp_run)}) > 2  # training changes what it writes
 
 
 @pytest.mark.distributed
@@ -56,12 +77,14 @@ def ddp_run(text_data, tmp_path_factory):
 def test_config_trains_resumes_and_exports_like_ddp(name, ddp_run, text_data, tmp_path):
     out = tmp_path / name
     for steps, resume in ((2, "none"), (4, "auto")):
-        launch("toolkit.train", tiny_run(text_data, out, **ARGS, **{"train.max_steps": steps, "checkpoint.every": 2,
-                                                                    "resume": resume}),
+        launch("toolkit.train", tiny_run(text_data, out, **ARGS, **SAMPLES, **{"train.max_steps": steps,
+                                                                               "checkpoint.every": 2, "resume": resume}),
                config=name, extra=["--mixed_precision", "no"])
 
     info = runtime(out)
     assert info["num_processes"] == 2 and info["mixed_precision"] == "no"
+    # the same greedy text at every evaluation (the step-4 one after the restart, written once)
+    assert samples(out) == samples(ddp_run)
     assert {k: info[k] for k in expected(name)} == expected(name)
 
     # Steps 3 and 4 follow the restart: its optimizer state must be restored as well as the weights

@@ -214,6 +214,12 @@ class EvalConfig:
     """Held-out sequences per process per forward pass."""
     max_batches: int = 0
     """Cap evaluation at N batches per process (0: the whole held-out set)."""
+    sample_prompts: str | list[str] | None = None
+    """Prompts the model continues (greedy) at every evaluation, into samples.jsonl and TensorBoard's text tab: a
+    list, or a .txt file with one prompt per line. A run on chat data sends each as a user turn through the chat
+    template."""
+    sample_max_new_tokens: int = 32
+    """Tokens generated per sample prompt."""
 
 
 @dataclass
@@ -295,7 +301,7 @@ CHOICES = {
 }
 POSITIVE = ("data.block_size", "train.micro_batch_size", "train.grad_accum_steps", "train.log_every",
             "train.max_bad_steps", "train.collective_timeout", "train.min_loss_scale", "train.stop_check_every",
-            "data.num_proc",
+            "data.num_proc", "eval.sample_max_new_tokens",
             "eval.micro_batch_size", "lora.r", "lora.alpha", "optim.lr", "ddp.powersgd_rank", "ddp.bucket_cap_mb")
 NON_NEGATIVE = ("train.max_steps", "train.epochs", "train.peak_tflops", "optim.weight_decay", "optim.warmup_steps",
                 "optim.max_grad_norm", "eval.every", "eval.max_batches", "checkpoint.every", "train.profile_steps",
@@ -498,6 +504,10 @@ def validate(cfg: RunConfig) -> None:
                         f"multiple of eval.every (now {cfg.checkpoint.every} and {cfg.eval.every}, 0 is off)")
     if cfg.train.early_stopping_patience and not cfg.eval.every:
         raise UserError("train.early_stopping_patience counts evaluations: set eval.every too")
+    prompts = cfg.eval.sample_prompts
+    if isinstance(prompts, str) and not (Path(prompts).is_file() and Path(prompts).suffix == ".txt"):
+        raise UserError(f"eval.sample_prompts={prompts} is not a .txt file: give one with a prompt per line, "
+                        "or a list like eval.sample_prompts='[The river,Once upon a time]'")
     if cfg.lora.enabled and not cfg.lora.target_modules:
         raise UserError("lora.target_modules is empty: name the modules to adapt, e.g. q_proj,v_proj")
 

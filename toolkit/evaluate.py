@@ -228,26 +228,13 @@ def packed_blocks(parts, tokenizer, data_cfg: DataConfig):
     return blocks.map(count, batched=True, desc="count bytes")
 
 
-def generate(accelerator, model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[str]:
-    """Greedy completions. Every rank generates: under ZeRO-3/FSDP each forward gathers shards from
-    all ranks, and synced_gpus keeps every rank stepping until the longest one is done."""
-    unwrapped = accelerator.unwrap_model(model)
-    completions = []
-    for prompt in prompts:
-        ids = tokenizer(prompt, return_tensors="pt").to(accelerator.device)
-        out = unwrapped.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
-                                 synced_gpus=accelerator.num_processes > 1, pad_token_id=tokenizer.pad_token_id)
-        completions.append(tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))
-    return completions
-
-
 def score(accelerator, target: Target, args) -> dict:
     """All ranks: one checkpoint's row of metrics."""
     import torch
 
     from . import checkpoint as checkpoint_lib, data, job
     from .loss import fuse_head_and_loss
-    from .validation import evaluate_model
+    from .validation import evaluate_model, generate
     # Outside main_process_first: under ZeRO-3, from_pretrained partitions the weights with
     # collectives that every rank must join (rank 0 alone would wait forever).
     model, tokenizer, loads_after_prepare = load_target(accelerator, target, args.base)

@@ -245,6 +245,16 @@ class Telemetry:
             self.bar.write(f"step {record['step']}: eval_loss {record['eval_loss']:.4f} "
                            f"eval_perplexity {record['eval_perplexity']:.3f}")
 
+    def log_samples(self, step: int, completions: dict[str, str]) -> None:
+        """Main process: each prompt's completion at this evaluation, into samples.jsonl and the trackers' text."""
+        if not self.is_main:
+            return
+        with (self.out / "samples.jsonl").open("a") as f:
+            for prompt, completion in completions.items():
+                f.write(json.dumps({"step": step, "prompt": prompt, "completion": completion}) + "\n")
+        self.accelerator.log({f"samples/{i}": f"{prompt} **{completion}**"
+                              for i, (prompt, completion) in enumerate(completions.items())}, step=step)
+
     def close(self) -> None:
         """All ranks, when the loop ends (done, stopped by a signal, or too many bad steps): the
         main process prints the summary and writes summary.json and curves.png."""
@@ -299,7 +309,7 @@ PERF = ("tokens_per_s", "padded_tokens_per_s", "input_tokens", "mfu", "peak_mem_
 
 def tracker_tag(name: str) -> str:
     """The tracker's name for a metrics.jsonl key, grouped as TensorBoard and wandb show groups:
-    eval/perplexity, comm/all_gather, perf/tokens_per_s, train/loss."""
+    eval/perplexity, comm/all_gather_bytes, perf/tokens_per_s, train/loss."""
     if name.startswith("eval_"):
         return "eval/" + name.removeprefix("eval_")
     if name.startswith("comm_bytes"):

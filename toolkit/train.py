@@ -133,7 +133,8 @@ def run(cfg: RunConfig, accelerator, stop) -> None:
                 for moved in checkpoint.set_aside_newer(resume_from, out):
                     print(f"moved {moved.name}, newer than the resumed checkpoint, to {moved.parent}")
             config_lib.save(cfg, out / "config.yaml")
-            telemetry.trim_metrics(out / "metrics.jsonl", state["step"])  # steps after the checkpoint are redone
+            for records in ("metrics.jsonl", "samples.jsonl"):  # steps after the checkpoint are redone
+                telemetry.trim_metrics(out / records, state["step"])
 
     prepared = Prepared(model, optimizer, scheduler, train_loader, eval_loader, tokenizer, max_steps, flops)
     finished = train(cfg, accelerator, prepared, state, stop, resume_from)
@@ -189,7 +190,7 @@ def train(cfg: RunConfig, accelerator, prepared: Prepared, state: dict, stop, re
     for key, value in {"best_eval_loss": None, "best_step": None, "evals_since_best": 0}.items():
         state.setdefault(key, value)
     if cfg.eval.every and state["step"] == 0:  # the baseline that fine-tuning is measured against
-        run_evaluation(cfg, accelerator, model, prepared.eval_loader, telemetry, state, step=0)
+        run_evaluation(cfg, accelerator, model, prepared.eval_loader, prepared.tokenizer, telemetry, state, step=0)
     model.train()
     while state["step"] < max_steps:
         telemetry.step_begins()
@@ -244,7 +245,7 @@ def train(cfg: RunConfig, accelerator, prepared: Prepared, state: dict, stop, re
                 telemetry.close()
                 raise UserError(diverged(step, health, guard, last_saved))
         if (cfg.eval.every and step % cfg.eval.every == 0) or step == max_steps:
-            run_evaluation(cfg, accelerator, model, prepared.eval_loader, telemetry, state, step)
+            run_evaluation(cfg, accelerator, model, prepared.eval_loader, prepared.tokenizer, telemetry, state, step)
             model.train()
         # Never checkpoint right after a bad step: the last checkpoint must stay a good one.
         if saving and health["healthy"]:
@@ -280,13 +281,18 @@ def diverged(step: int, health: dict, guard, last_saved: Path | None) -> str:
             "then resume from it")
 
 
-def run_evaluation(cfg: RunConfig, accelerator, model, eval_loader, telemetry, state: dict, step: int) -> None:
-    """All ranks: evaluate, log, and note in `state` whether the held-out loss is the best so far
+def run_evaluation(cfg: RunConfig, accelerator, model, eval_loader, tokenizer, telemetry, state: dict,
+                   step: int) -> None:
+    """All ranks: evaluate, generate the samples, log, and note in `state` whether the held-out loss is the best so far
     (every rank gets the same metrics, so they agree on the best and on stopping early)."""
-    from .validation import evaluate_model
+    from .validation import evaluate_model, generate, sample_prompts
 
     metrics = evaluate_model(model, eval_loader, accelerator, max_batches=cfg.eval.max_batches)  # all ranks
     telemetry.log({"step": step, **{f"eval_{k}": v for k, v in metrics.items()}})
+    prompts = sample_prompts(cfg.eval.sample_prompts)
+    if prompts:
+        completions = generate(accelerator, model, tokenizer, prompts, cfg.eval.sample_max_new_tokens)  # all ranks
+        telemetry.log_samples(step, dict(zip(prompts, completions)))
     if state["best_eval_loss"] is None or metrics["loss"] < state["best_eval_loss"]:
         state.update(best_eval_loss=metrics["loss"], best_step=step, evals_since_best=0)
     else:

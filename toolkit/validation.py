@@ -1,4 +1,5 @@
-"""Held-out evaluation that every rank runs: training calls it, and so does `toolkit.evaluate`.
+"""Held-out evaluation and sample generations that every rank runs: training calls them, and so
+does `toolkit.evaluate`.
 
 Perplexity is exp(sum NLL / sum scored tokens) over all ranks, each held-out example counted
 exactly once (`gather_for_metrics` drops the duplicates that even out the last batch). The model
@@ -49,3 +50,31 @@ def evaluate_model(model, loader, accelerator, max_batches: int = 0) -> dict:
         metric.add_batch(nll=stats[:, 0].tolist(),
                          **{name: stats[:, j].long().tolist() for j, name in enumerate(STAT_FIELDS) if j})
     return metric.compute()
+
+
+def sample_prompts(setting: str | list[str] | None) -> list[str]:
+    """eval.sample_prompts: a list, or a .txt file of one prompt per line (blank lines skipped)."""
+    if isinstance(setting, str):
+        return [line for line in Path(setting).read_text().splitlines() if line.strip()]
+    return setting or []
+
+
+@torch.no_grad()
+def generate(accelerator, model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[str]:
+    """Greedy completions. Every rank generates: under ZeRO-3/FSDP each forward gathers shards from
+    all ranks, and synced_gpus keeps every rank stepping until the longest one is done. With a chat
+    template (a run on chat data saves one) each prompt is a user turn, as the model was trained."""
+    unwrapped = accelerator.unwrap_model(model)
+    unwrapped.eval()
+    completions = []
+    for prompt in prompts:
+        if tokenizer.chat_template:
+            inputs = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                                   return_dict=True, return_tensors="pt")
+        else:
+            inputs = tokenizer(prompt, return_tensors="pt")
+        inputs = inputs.to(accelerator.device)
+        out = unwrapped.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                 synced_gpus=accelerator.num_processes > 1, pad_token_id=tokenizer.pad_token_id)
+        completions.append(tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+    return completions
