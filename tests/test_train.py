@@ -380,6 +380,10 @@ def test_make_demo_trains_with_two_processes_and_evaluates(tmp_path):
     assert [r["step"] for r in metrics(out)[1]] == [0, 2, 4]
     report = json.loads((out / "eval_final.json").read_text())["results"][0]
     assert report["documents"] > 0 and report["perplexity"] > 1 and "perplexity" in proc.stdout
+    # the main process's console, as printed, without the progress bar's redraws
+    log = (out / "train.log").read_text()
+    summary = next(line for line in proc.stdout.splitlines() if line.startswith("summary: "))
+    assert summary in log.splitlines() and "step 2: eval_loss" in log and "\r" not in log
 
 
 def test_keep_best_survives_keep_last_and_early_stopping_stops_where_it_should(text_data, tmp_path):

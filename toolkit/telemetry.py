@@ -30,6 +30,53 @@ from .files import pyplot, replaced_file, write_figure, write_text
 from .launch import Requested
 from .measure import count_tokens, peak_memory_gb
 
+# --- the console log --------------------------------------------------------------------------------
+
+
+def copy_output_to(path: Path) -> None:
+    """From here on, everything this process writes to stdout and stderr (Python, warnings, the
+    C++ of torch and DeepSpeed) also goes to `path`, appended: the run's console log. Done at the
+    file descriptors, since libraries hold their own references to sys.stderr and print from C.
+    Progress-bar redraws keep only their last state on each line."""
+    import atexit
+    import threading
+
+    log = path.open("ab")
+    copies = []
+    for fd in (1, 2):
+        console = os.dup(fd)
+        read, write = os.pipe()
+        os.dup2(write, fd)
+        os.close(write)
+        thread = threading.Thread(target=_copy, args=(read, console, log), daemon=True)
+        thread.start()
+        copies.append((fd, console, thread))
+
+    def finish():  # at exit: give the descriptors back, so the copies read to the end of their pipes
+        sys.stdout.flush()
+        sys.stderr.flush()
+        for fd, console, thread in copies:
+            os.dup2(console, fd)
+        for fd, console, thread in copies:
+            thread.join(timeout=10)
+        log.close()
+
+    atexit.register(finish)
+
+
+def _copy(read: int, console: int, log) -> None:
+    pending = b""
+    while chunk := os.read(read, 65536):
+        os.write(console, chunk)
+        *lines, pending = (pending + chunk).split(b"\n")
+        if lines:
+            log.write(b"".join(line.rsplit(b"\r", 1)[-1] + b"\n" for line in lines))
+            log.flush()
+    if pending:
+        log.write(pending.rsplit(b"\r", 1)[-1])
+    os.close(read)
+
+
 # --- known third-party noise ----------------------------------------------------------------------
 
 

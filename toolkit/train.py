@@ -39,7 +39,7 @@ def main(argv=None) -> None:
 
     job.follow_launcher()  # before anything slower: a launcher killed meanwhile must not leave us orphaned
     from . import strategy
-    from .telemetry import quiet_known_noise
+    from .telemetry import copy_output_to, quiet_known_noise
 
     quiet_known_noise()  # before the libraries that print it are loaded
     stop = job.StopSignal()
@@ -50,6 +50,7 @@ def main(argv=None) -> None:
         with job.stop_together(accelerator):  # the main process's verdicts reach every rank
             if accelerator.is_main_process:
                 lock = claim_output_dir(cfg)
+                copy_output_to(out / "train.log")
             strategy.check_optimizer(accelerator, cfg)  # an optimizer the strategy can't run stops before any work
         with job.stop_together(accelerator):
             job.check_shared(accelerator, lock, out)  # every machine must see the same output_dir
