@@ -33,48 +33,63 @@ from .measure import count_tokens, peak_memory_gb
 # --- the console log --------------------------------------------------------------------------------
 
 
-def copy_output_to(path: Path) -> None:
-    """From here on, everything this process writes to stdout and stderr (Python, warnings, the
-    C++ of torch and DeepSpeed) also goes to `path`, appended: the run's console log. Done at the
-    file descriptors, since libraries hold their own references to sys.stderr and print from C.
-    Progress-bar redraws keep only their last state on each line."""
-    import atexit
-    import threading
+class ConsoleCopy:
+    """Everything this process writes to stdout and stderr (Python, warnings, the C++ of torch and
+    DeepSpeed), copied at the file descriptors (libraries hold their own sys.stderr and print from
+    C). Held in memory until `write_to(path)`, then appended there: a run that is refused at start
+    leaves its output_dir's log as it was. Progress-bar redraws keep only their last state per line."""
 
-    log = path.open("ab")
-    copies = []
-    for fd in (1, 2):
-        console = os.dup(fd)
-        read, write = os.pipe()
-        os.dup2(write, fd)
-        os.close(write)
-        thread = threading.Thread(target=_copy, args=(read, console, log), daemon=True)
-        thread.start()
-        copies.append((fd, console, thread))
+    def __init__(self):
+        import atexit
+        import threading
 
-    def finish():  # at exit: give the descriptors back, so the copies read to the end of their pipes
+        self.lock = threading.Lock()
+        self.held, self.log = [], None
+        self.copies = []
+        for fd in (1, 2):
+            console = os.dup(fd)
+            read, write = os.pipe()
+            os.dup2(write, fd)
+            os.close(write)
+            thread = threading.Thread(target=self._copy, args=(read, console), daemon=True)
+            thread.start()
+            self.copies.append((fd, console, thread))
+        atexit.register(self._finish)
+
+    def write_to(self, path: Path) -> None:
+        with self.lock:
+            self.log = path.open("ab")
+            self.log.write(b"".join(self.held))
+            self.log.flush()
+            self.held = []
+
+    def _copy(self, read: int, console: int) -> None:
+        pending = b""
+        while chunk := os.read(read, 65536):
+            os.write(console, chunk)
+            *lines, pending = (pending + chunk).split(b"\n")
+            self._keep(b"".join(line.rsplit(b"\r", 1)[-1] + b"\n" for line in lines))
+        self._keep(pending.rsplit(b"\r", 1)[-1])
+        os.close(read)
+
+    def _keep(self, text: bytes) -> None:
+        with self.lock:
+            if self.log is None:
+                self.held.append(text)
+            elif text:
+                self.log.write(text)
+                self.log.flush()
+
+    def _finish(self) -> None:
+        """At exit: give the descriptors back, so the copies read to the end of their pipes."""
         sys.stdout.flush()
         sys.stderr.flush()
-        for fd, console, thread in copies:
+        for fd, console, _ in self.copies:
             os.dup2(console, fd)
-        for fd, console, thread in copies:
+        for _, _, thread in self.copies:
             thread.join(timeout=10)
-        log.close()
-
-    atexit.register(finish)
-
-
-def _copy(read: int, console: int, log) -> None:
-    pending = b""
-    while chunk := os.read(read, 65536):
-        os.write(console, chunk)
-        *lines, pending = (pending + chunk).split(b"\n")
-        if lines:
-            log.write(b"".join(line.rsplit(b"\r", 1)[-1] + b"\n" for line in lines))
-            log.flush()
-    if pending:
-        log.write(pending.rsplit(b"\r", 1)[-1])
-    os.close(read)
+        if self.log is not None:
+            self.log.close()
 
 
 # --- known third-party noise ----------------------------------------------------------------------

@@ -39,28 +39,28 @@ def main(argv=None) -> None:
 
     job.follow_launcher()  # before anything slower: a launcher killed meanwhile must not leave us orphaned
     from . import strategy
-    from .telemetry import copy_output_to, quiet_known_noise
+    from .telemetry import ConsoleCopy, quiet_known_noise
 
     quiet_known_noise()  # before the libraries that print it are loaded
     stop = job.StopSignal()
     out = Path(cfg.output_dir)
     accelerator = strategy.make_accelerator(cfg)
+    console = ConsoleCopy() if accelerator.is_main_process else None  # train.log, once the run is accepted
     lock = None
     try:  # once the lock is claimed, every way out releases it: a refusal below as well as the run's end
         with job.stop_together(accelerator):  # the main process's verdicts reach every rank
             if accelerator.is_main_process:
                 lock = claim_output_dir(cfg)
-                copy_output_to(out / "train.log")
             strategy.check_optimizer(accelerator, cfg)  # an optimizer the strategy can't run stops before any work
         with job.stop_together(accelerator):
             job.check_shared(accelerator, lock, out)  # every machine must see the same output_dir
-        run(cfg, accelerator, stop)
+        run(cfg, accelerator, stop, console)
     finally:
         if lock is not None:
             lock.release()
 
 
-def run(cfg: RunConfig, accelerator, stop) -> None:
+def run(cfg: RunConfig, accelerator, stop, console) -> None:
     from accelerate.utils import set_seed
 
     from . import checkpoint, cpu as cpu_lib, data, export, job, launch, measure, strategy, telemetry
@@ -134,6 +134,7 @@ def run(cfg: RunConfig, accelerator, stop) -> None:
                 for moved in checkpoint.set_aside_newer(resume_from, out):
                     print(f"moved {moved.name}, newer than the resumed checkpoint, to {moved.parent}")
             config_lib.save(cfg, out / "config.yaml")
+            console.write_to(out / "train.log")
             for records in ("metrics.jsonl", "samples.jsonl"):  # steps after the checkpoint are redone
                 telemetry.trim_metrics(out / records, state["step"])
 
