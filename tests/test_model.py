@@ -97,3 +97,14 @@ def test_fsdp_and_zero3_parameters_are_initialised_through_their_own_branches(tm
         print("zero3 equal:", hasattr(p, "ds_id") and all(equal))
     """)
     assert "fsdp equal: True" in out and "zero3 equal: True" in out
+
+
+def test_the_attention_implementation_is_the_one_asked_for_or_a_clear_refusal(tokenizer):
+    from toolkit.config import UserError
+    from toolkit.model import model_config
+
+    for name in ("sdpa", "eager"):
+        model = build_model(ModelConfig(name_or_path="tiny-opt", attn_implementation=name), tokenizer)
+        assert model.config._attn_implementation == name
+    with pytest.raises(UserError, match="flash_attention_2 needs the flash-attn package and a CUDA GPU"):
+        model_config(ModelConfig(name_or_path="tiny-opt", attn_implementation="flash_attention_2"), tokenizer)

@@ -63,16 +63,23 @@ def test_forwards_without_gradients_and_generation_keep_the_logits():
     assert fused.generate(batch["input_ids"][:1, :5], max_new_tokens=3, do_sample=False).shape == (1, 8)
 
 
-def test_packed_sft_rows_score_each_example_as_if_it_were_alone():
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager", "flash_attention_2"])
+def test_packed_sft_rows_score_each_example_as_if_it_were_alone(attn_implementation):
     examples = [([2, 5, 6, 7, 8], [IGNORE, IGNORE, 6, 7, 8]), ([2, 9, 10, 11], [IGNORE, IGNORE, 10, 11]),
                 ([2, 12, 13, 14, 15, 16], [IGNORE, 12, 13, 14, 15, 16])]
     rows = _pack_examples({"input_ids": [e[0] for e in examples], "labels": [e[1] for e in examples]}, block_size=12)
     # whole examples, at most 12 tokens a row, best-fit decreasing: 6 opens a row, 5 fills it to 11, 4 opens one
     assert rows["lengths"] == [[6, 5], [4]]
-    packed = Collator(pad_token_id=1)([{k: rows[k][i] for k in rows} for i in range(2)])
+    packed = Collator(pad_token_id=1, attn_implementation=attn_implementation)(
+        [{k: rows[k][i] for k in rows} for i in range(2)])
+    if attn_implementation == "flash_attention_2":  # not installable here (no CUDA): what it is given
+        assert "attention_mask" not in packed and packed["position_ids"].tolist() == [[*range(6), *range(5)],
+                                                                                      [*range(4), *[0] * 7]]
+        return
     in_packed_order = [examples[2], examples[0], examples[1]]
     alone = Collator(pad_token_id=1)([{"input_ids": ids, "labels": labels} for ids, labels in in_packed_order])
-    model = tiny_opt()
+    model = tiny_opt(attn_implementation=attn_implementation)
+    assert model.config._attn_implementation == attn_implementation
 
     def token_nlls(batch):
         inputs = {k: v for k, v in batch.items() if k not in ("labels", "num_targets")}

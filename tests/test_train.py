@@ -419,8 +419,9 @@ def test_a_chat_and_instruction_mix_trains_and_saves_the_template_it_trained_wit
 
     out = tmp_path / "mix"
     launch("toolkit.train", tiny_run("x", out, **{"data.train": "[builtin:chat-tasks,builtin:sft-tasks]",
-                                                  "data.weights": "[1,0.5]", "data.block_size": 128}), config=None)
-    assert runtime(out)["data_format"] == "chat,sft"
+                                                  "data.weights": "[1,0.5]", "data.block_size": 128,
+                                                  "model.attn_implementation": "eager"}), config=None)
+    assert runtime(out)["data_format"] == "chat,sft" and runtime(out)["attn_implementation"] == "eager"
     tokenizer = AutoTokenizer.from_pretrained(out / "final")
     assert tokenizer.chat_template == data.DEFAULT_CHAT_TEMPLATE
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is 2 plus 2?"}], tokenize=False,

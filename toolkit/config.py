@@ -85,6 +85,9 @@ class ModelConfig:
     """Override the model's dropout (None keeps the model's own)."""
     revision: str | None = None
     """Hub revision (branch, tag or commit) for hub models."""
+    attn_implementation: str = "sdpa"
+    """sdpa (torch's fused attention) | eager (transformers' own matmuls) | flash_attention_2 (needs the flash-attn
+    package, a CUDA GPU and bf16/fp16)."""
 
 
 @dataclass
@@ -293,6 +296,7 @@ class RunConfig:
 
 CHOICES = {
     "data.format": ("auto", "text", "sft", "alpaca", "chat"),
+    "model.attn_implementation": ("sdpa", "eager", "flash_attention_2"),
     "optim.name": ("adamw", "adamw_8bit", "paged_adamw_8bit", "deepspeed"),
     "optim.scheduler": ("linear", "cosine", "constant"),
     "checkpoint.export_dtype": ("fp32", "bf16", "fp16"),

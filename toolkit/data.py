@@ -422,8 +422,9 @@ class Collator:
     counted here, on the host, before the batch moves to the device, so the training loop never
     waits for the device to learn it."""
 
-    def __init__(self, pad_token_id: int):
+    def __init__(self, pad_token_id: int, attn_implementation: str = "sdpa"):
         self.pad_token_id = pad_token_id
+        self.attn_implementation = attn_implementation
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         if "lengths" in examples[0]:
@@ -467,8 +468,15 @@ class Collator:
                 position_ids[i, start:end] = torch.arange(example_length)
                 mask[i, 0, start:end, start:end] = torch.ones(example_length, example_length, dtype=torch.bool).tril()
                 start = end
-        return {"input_ids": input_ids, "attention_mask": mask, "position_ids": position_ids, "labels": labels,
-                "num_targets": count_targets(row["labels"] for row in rows)}
+        batch = {"input_ids": input_ids, "attention_mask": mask, "position_ids": position_ids, "labels": labels,
+                 "num_targets": count_targets(row["labels"] for row in rows)}
+        # transformers passes a 4D mask to the attention as it is: SDPA takes booleans, eager adds
+        # it to the scores, and flash-attention takes none (it finds examples where positions restart at 0).
+        if self.attn_implementation == "eager":
+            batch["attention_mask"] = torch.zeros(mask.shape).masked_fill_(~mask, torch.finfo(torch.float32).min)
+        elif self.attn_implementation == "flash_attention_2":
+            del batch["attention_mask"]
+        return batch
 
 
 def count_targets(rows) -> int:
@@ -476,11 +484,12 @@ def count_targets(rows) -> int:
     return sum(label != IGNORE for labels in rows for label in labels[1:])
 
 
-def train_dataloader(ds: datasets.Dataset, micro_batch_size: int, pad_token_id: int) -> DataLoader:
+def train_dataloader(ds: datasets.Dataset, micro_batch_size: int, pad_token_id: int,
+                     attn_implementation: str = "sdpa") -> DataLoader:
     # Shuffling order comes from accelerate's seedable sampler (seed + epoch), the same on every
     # rank and after a resume; drop_last keeps every optimizer step the same size.
     return DataLoader(ds, batch_size=micro_batch_size, shuffle=True, drop_last=True,
-                      collate_fn=Collator(pad_token_id))
+                      collate_fn=Collator(pad_token_id, attn_implementation))
 
 
 def eval_dataloader(ds: datasets.Dataset, micro_batch_size: int, pad_token_id: int) -> DataLoader:

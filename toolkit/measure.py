@@ -103,11 +103,14 @@ def matmul_tflops(device, dtype=torch.float32, n: int = 1024, seconds: float = 0
 
 def count_tokens(batch: dict) -> tuple[torch.Tensor, int]:
     """(real tokens: positions with attention_mask 1, all input positions incl. padding) of a batch.
-    The real count stays a tensor on the batch's device: counting never waits for the GPU."""
+    The real count stays a tensor on the batch's device: counting never waits for the GPU. (Packed
+    rows for flash-attention carry no mask: their few padding positions count as real.)"""
     ids = batch["input_ids"]
     mask = batch.get("attention_mask")
     if mask is not None and mask.ndim == 4:  # packed rows (data.Collator.packed): real tokens attend to themselves
         mask = mask.diagonal(dim1=-2, dim2=-1)
+        if mask.is_floating_point():  # eager's additive mask: 0 where a token attends
+            mask = mask == 0
     real = mask.sum() if mask is not None else torch.tensor(ids.numel(), device=ids.device)
     return real, ids.numel()
 

@@ -98,15 +98,27 @@ def check_source(name: str, error: OSError) -> UserError:
 def hub_config(cfg: ModelConfig):
     """config.json of a hub id or local model directory, or one clear error."""
     try:
-        return AutoConfig.from_pretrained(cfg.name_or_path, revision=cfg.revision)
+        return AutoConfig.from_pretrained(cfg.name_or_path, revision=cfg.revision,
+                                          attn_implementation=attn_implementation(cfg))
     except (OSError, ValueError) as e:
         raise check_source(cfg.name_or_path, e) from None
+
+
+def attn_implementation(cfg: ModelConfig) -> str:
+    if cfg.attn_implementation == "flash_attention_2":
+        from transformers.utils import is_flash_attn_2_available
+
+        if not is_flash_attn_2_available():
+            raise UserError("model.attn_implementation=flash_attention_2 needs the flash-attn package and a CUDA GPU "
+                            "(pip install flash-attn --no-build-isolation): install it, or use sdpa")
+    return cfg.attn_implementation
 
 
 def model_config(cfg: ModelConfig, tokenizer) -> OPTConfig:
     if is_preset(cfg.name_or_path):
         config = OPTConfig(**PRESETS[cfg.name_or_path], pad_token_id=tokenizer.pad_token_id,
-                           bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+                           bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                           attn_implementation=attn_implementation(cfg))
     else:
         config = hub_config(cfg)
         if config.model_type != "opt":

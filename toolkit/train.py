@@ -106,7 +106,8 @@ def run(cfg: RunConfig, accelerator, stop, console) -> None:
     max_steps = count_steps(cfg, len(train_set), accelerator.num_processes)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, max_steps, json_scheduler=strategy.json_scheduler(accelerator))
-    train_loader = data.train_dataloader(train_set, cfg.train.micro_batch_size, tokenizer.pad_token_id)
+    train_loader = data.train_dataloader(train_set, cfg.train.micro_batch_size, tokenizer.pad_token_id,
+                                         cfg.model.attn_implementation)
     eval_loader = data.eval_dataloader(eval_set, cfg.eval.micro_batch_size, tokenizer.pad_token_id)
 
     model, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(
@@ -114,8 +115,9 @@ def run(cfg: RunConfig, accelerator, stop, console) -> None:
     strategy.register_comm_hook(model, cfg)  # DDP: ddp.comm_hook
     cfg.runtime = strategy.verify(accelerator, model, optimizer, cfg)  # stop here if not what was asked
     cfg.runtime.update(launch.launch_record())
-    cfg.runtime.update(**cpu, max_steps=max_steps, data_format=",".join(sorted({p.format for p in train_parts})), activation_checkpointing=checkpointing,
-                       trainable_params=measure.trainable_numel(model))
+    cfg.runtime.update(**cpu, max_steps=max_steps, data_format=",".join(sorted({p.format for p in train_parts})),
+                       attn_implementation=accelerator.unwrap_model(model).config._attn_implementation,
+                       activation_checkpointing=checkpointing, trainable_params=measure.trainable_numel(model))
     # What MFU is computed from: the model's FLOPs per token and this device's peak.
     flops = {**measure.model_flops(accelerator.unwrap_model(model)),
              **measure.peak_flops(accelerator, cfg, cfg.runtime["mixed_precision"])}
