@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import subprocess
 import sys
 import warnings
@@ -318,3 +319,16 @@ def test_the_optional_kernel_noise_is_dropped_by_logger_and_subject_not_by_one_t
     finally:
         logger.removeHandler(handler)
     assert capsys.readouterr().err == "something else went wrong\n"
+
+
+def test_the_demo_starts_and_trains_without_a_warning(tmp_path):
+    """The demo's run on one process as `accelerate launch` starts it: nothing on stderr but progress
+    bars, and no warning on stdout. `make test-latest` runs this too, with the newest releases in
+    pyproject's ranges (transformers, accelerate, bitsandbytes with `kernels`), whose new warnings
+    would show here first."""
+    proc = launch("toolkit.train", ["--config", "examples/demo.yaml", "train.max_steps=2", "eval.every=2",
+                                    "eval.max_batches=1", "optim.name=adamw_8bit", f"output_dir={tmp_path}"])
+    progress = re.compile(r"^[\w -]+:\s+\d+%\|.*\| \d+/\d+ \[")  # tqdm's bars (train, tokenize, ...)
+    printed = [line for line in re.split(r"[\r\n]", proc.stderr) if line.strip() and not progress.match(line)]
+    assert printed == [], "\n".join(printed)
+    assert not [line for line in proc.stdout.splitlines() if "warn" in line.lower()], proc.stdout
