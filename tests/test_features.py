@@ -314,3 +314,66 @@ def test_lora_trains_only_adapters_and_exports_them_under_sharding(config, text_
     with_adapter = PeftModel.from_pretrained(base, out / "final")
     torch.testing.assert_close(with_adapter(input_ids=ids).logits, merged(input_ids=ids).logits,
                                rtol=1e-4, atol=1e-4)
+
+
+def test_qlora_trains_on_a_4_bit_base_evaluates_on_it_and_merges_into_full_precision(text_data, tmp_path):
+    """One process (QLoRA runs on one or under DDP): the base's linear layers in nf4, the adapter
+    trained on them; toolkit.evaluate scores the adapter on that same 4-bit base (the run's last
+    evaluation, to fp32 accumulation order); final/merged holds the dequantized base plus B @ A x scaling."""
+    from bitsandbytes.functional import dequantize_4bit
+    from transformers import AutoTokenizer
+
+    from toolkit.config import ModelConfig
+    from toolkit.model import quantized_base
+
+    out = tmp_path / "qlora"
+    args = {"lora.enabled": "true", "lora.quantize": "nf4", "lora.merge": "true", "lora.r": 4, "optim.lr": 1e-2,
+            "eval.every": 2, "eval.max_batches": 2}
+    launch("toolkit.train", tiny_run(text_data, out, **args), config=None)
+    info = runtime(out)
+    assert 0 < info["trainable_params"] < 0.05 * info["params_numel"]
+    launch("toolkit.evaluate", ["--checkpoint", str(out / "final"), "--max-batches", "2", "--batch-size", "4",
+                                "--report", str(tmp_path / "eval.json")], config=None)
+    scored = json.loads((tmp_path / "eval.json").read_text())["results"][0]
+    assert scored["loss"] == pytest.approx(metrics(out)[1][-1]["eval_loss"], rel=1e-5)
+
+    base = quantized_base(ModelConfig(name_or_path="tiny-opt"), "nf4", AutoTokenizer.from_pretrained(out / "final"),
+                          seed=7, device=torch.device("cpu"), compute_dtype=torch.float32)
+    merged = load_file(out / "final" / "merged" / "model.safetensors")
+    adapter = load_file(out / "final" / "adapter_model.safetensors")
+    prefix = "base_model.model.model.decoder.layers.0.self_attn.q_proj"
+    layer = base.model.decoder.layers[0]
+    q_proj = dequantize_4bit(layer.self_attn.q_proj.weight.data, layer.self_attn.q_proj.weight.quant_state)
+    delta = adapter[f"{prefix}.lora_B.weight"] @ adapter[f"{prefix}.lora_A.weight"] * (16 / 4)  # alpha / r
+    assert delta.abs().max() > 0 and merged["model.decoder.layers.0.self_attn.q_proj.weight"].dtype == torch.float32
+    torch.testing.assert_close(merged["model.decoder.layers.0.self_attn.q_proj.weight"], q_proj + delta)
+    fc1 = dequantize_4bit(layer.fc1.weight.data, layer.fc1.weight.quant_state)  # no adapter: the base, in floats
+    assert torch.equal(merged["model.decoder.layers.0.fc1.weight"], fc1)
+    assert "quantization_config" not in json.loads((out / "final" / "merged" / "config.json").read_text())
+
+
+def test_qlora_is_refused_where_the_base_is_sharded_or_cast(tmp_path):
+    from accelerate.utils import DistributedType
+
+    from toolkit import strategy
+    from toolkit.config import UserError, load
+
+    cfg = load(None, ["data.train=x.txt", "lora.enabled=true", "lora.quantize=nf4"])
+    for kind in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        with pytest.raises(UserError, match="lora.quantize=nf4 runs on one process or under DDP"):
+            strategy.check_lora(fake_accelerator(distributed_type=kind), cfg)
+    strategy.check_lora(fake_accelerator(distributed_type=DistributedType.MULTI_CPU), cfg)
+    with pytest.raises(UserError, match="lora.quantize=fp4 quantizes LoRA's frozen base: set lora.enabled=true"):
+        load(None, ["data.train=x.txt", "lora.quantize=fp4"])
+
+
+def test_lora_keeps_the_frozen_base_in_the_compute_dtype_and_the_adapter_in_fp32(text_data, tmp_path):
+    out = tmp_path / "bf16"
+    launch("toolkit.train", tiny_run(text_data, out, **{"lora.enabled": "true", "lora.merge": "true"}),
+           extra=["--mixed_precision", "bf16"])
+    info = runtime(out)
+    assert info["param_dtypes"] == {"trainable": ["float32"], "frozen": ["bfloat16"]}
+    frozen = info["params_numel"] - info["trainable_params"]
+    assert info["param_bytes"] == 2 * frozen + 4 * info["trainable_params"]  # half the base's fp32 bytes
+    merged = load_file(out / "final" / "merged" / "model.safetensors")
+    assert {t.dtype for t in merged.values()} == {torch.float32}  # the merge is written in full precision

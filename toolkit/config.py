@@ -256,6 +256,9 @@ class LoraConfig:
     """Modules that get adapters: any of q_proj, k_proj, v_proj, out_proj, fc1, fc2."""
     merge: bool = False
     """Also write `final/merged/`, a full model with the adapter folded in."""
+    quantize: str = "none"
+    """none | nf4 | fp4: QLoRA, the frozen base's linear layers in 4 bits (bitsandbytes), computing in the run's
+    precision; one process or DDP. Without it the frozen base is kept in the compute dtype under bf16/fp16."""
 
 
 @dataclass
@@ -297,6 +300,7 @@ class RunConfig:
 CHOICES = {
     "data.format": ("auto", "text", "sft", "alpaca", "chat"),
     "model.attn_implementation": ("sdpa", "eager", "flash_attention_2"),
+    "lora.quantize": ("none", "nf4", "fp4"),
     "optim.name": ("adamw", "adamw_8bit", "paged_adamw_8bit", "deepspeed"),
     "optim.scheduler": ("linear", "cosine", "constant"),
     "checkpoint.export_dtype": ("fp32", "bf16", "fp16"),
@@ -498,6 +502,8 @@ def validate(cfg: RunConfig) -> None:
         raise UserError("dropout must be in [0, 1)")
     if cfg.lora.merge and not cfg.lora.enabled:
         raise UserError("lora.merge=true needs lora.enabled=true")
+    if cfg.lora.quantize != "none" and not cfg.lora.enabled:
+        raise UserError(f"lora.quantize={cfg.lora.quantize} quantizes LoRA's frozen base: set lora.enabled=true")
     if cfg.ddp.powersgd_start_step < 2:
         raise UserError(f"ddp.powersgd_start_step must be >= 2 (PowerSGD needs two uncompressed steps to start "
                         f"from), got {cfg.ddp.powersgd_start_step}")

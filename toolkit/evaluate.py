@@ -169,9 +169,10 @@ def load_target(accelerator, target: Target, base: str | None):
 
 
 def adapter_model(target: Target, tokenizer, base: str | None):
+    import torch
     from peft import PeftModel
 
-    from .model import initial_model
+    from .model import initial_model, quantized_base
 
     adapter = json.loads((target.path / "adapter_config.json").read_text())
     base = base or adapter.get("base_model_name_or_path") or (target.run and target.run.model.name_or_path)
@@ -180,7 +181,12 @@ def adapter_model(target: Target, tokenizer, base: str | None):
     # A preset base is random-init and not saved with the adapter: the run's seed rebuilds the
     # very same weights (model.initialize_weights).
     seed = target.run.train.seed if target.run else RunConfig().train.seed
-    model = initial_model(ModelConfig(name_or_path=base), tokenizer, seed)
+    quantize = target.run.lora.quantize if target.run else "none"
+    if quantize != "none":  # a QLoRA adapter is scored on the 4-bit base it was trained on
+        model = quantized_base(ModelConfig(name_or_path=base), quantize, tokenizer, seed, torch.device("cpu"),
+                               torch.float32)
+    else:
+        model = initial_model(ModelConfig(name_or_path=base), tokenizer, seed)
     try:
         return PeftModel.from_pretrained(model, target.path)
     except RuntimeError as e:  # size mismatch: not the base it was trained on

@@ -146,9 +146,16 @@ def merged_weights(peft_model, weights):
 
     base = peft_model.get_base_model()
     adapter = peft_model.active_adapter
+    # QLoRA: bitsandbytes' packed 4-bit weights, each with the state that turns it back into floats
+    quant_states = {f"{name}.weight": module.weight.quant_state for name, module in base.named_modules()
+                    if getattr(getattr(module, "weight", None), "quant_state", None) is not None}
     waiting = {}  # layer -> its base weight and adapter matrices seen so far
     for name, tensor in weights:
         name = name.removeprefix("base_model.model.")
+        if name in quant_states:
+            from bitsandbytes.functional import dequantize_4bit
+
+            tensor = dequantize_4bit(tensor, quant_states[name])
         layer, part = _lora_part(name)
         if part is None or part == "bias":
             yield (name if part is None else f"{layer}.bias"), tensor
@@ -194,6 +201,7 @@ def _record_dtype(directory: Path, dtype: str) -> None:
     config = directory / "config.json"
     fields = json.loads(config.read_text())
     fields["dtype"] = EXPORT_DTYPES[dtype]
+    fields.pop("quantization_config", None)  # a QLoRA base's: the files hold full-precision weights
     config.write_text(json.dumps(fields, indent=2, sort_keys=True) + "\n")
 
 

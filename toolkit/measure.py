@@ -198,6 +198,23 @@ def trainable_numel(model) -> int:
     return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
 
 
+def parameter_dtypes(model) -> dict:
+    """The dtypes the parameters are held in, trained and frozen (LoRA's base; uint8: packed 4-bit)."""
+    held = {"trainable": set(), "frozen": set()}
+    for p in model.parameters():
+        held["trainable" if p.requires_grad else "frozen"].add(str(p.dtype).removeprefix("torch."))
+    return {kind: sorted(dtypes) for kind, dtypes in held.items()}
+
+
+def parameter_bytes(model) -> int:
+    """Bytes of the parameters this process holds (its partition under ZeRO-3, its shard under FSDP)."""
+    total = 0
+    for p in model.parameters():
+        local = p.ds_tensor if hasattr(p, "ds_tensor") else p.to_local() if hasattr(p, "to_local") else p
+        total += local.numel() * local.element_size()
+    return total
+
+
 def innermost(optimizer):
     """The optimizer that updates the weights, under accelerate's and DeepSpeed's wrappers."""
     while hasattr(optimizer, "optimizer"):

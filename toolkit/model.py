@@ -262,15 +262,57 @@ def _generator(seed: int, name: str) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
 
 
-def apply_lora(model: OPTForCausalLM, cfg: LoraConfig):
-    """Wrap `model` in a peft LoRA model: base weights frozen, only adapters train."""
-    from peft import LoraConfig as PeftLoraConfig, get_peft_model
+def quantized_base(cfg: ModelConfig, quant_type: str, tokenizer, seed: int, device: torch.device,
+                   compute_dtype: torch.dtype) -> OPTForCausalLM:
+    """QLoRA's base: every linear layer but the head in 4 bits (bitsandbytes `nf4` or `fp4`), computing
+    in `compute_dtype`, on `device`. A hub or local model is quantized by transformers as it loads,
+    shard by shard; a preset gets its initial weights (`initial_model`) on the CPU first."""
+    import bitsandbytes as bnb
+    from transformers import BitsAndBytesConfig
+
+    if not is_preset(cfg.name_or_path):
+        quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
+                                          bnb_4bit_compute_dtype=compute_dtype)
+        model = OPTForCausalLM.from_pretrained(cfg.name_or_path, config=model_config(cfg, tokenizer),
+                                               revision=cfg.revision, quantization_config=quantization,
+                                               device_map={"": device})
+    else:
+        model = initial_model(cfg, tokenizer, seed)
+        for parent in list(model.modules()):
+            for name, linear in parent.named_children():
+                if isinstance(linear, torch.nn.Linear) and linear is not model.lm_head:
+                    layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                                              compute_dtype=compute_dtype, quant_type=quant_type)
+                    layer.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, quant_type=quant_type)
+                    layer.bias = linear.bias
+                    setattr(parent, name, layer)
+        model.is_loaded_in_4bit = True  # what peft reads to give these layers its 4-bit LoRA
+        model = model.to(device)  # bitsandbytes quantizes as the weights move
+    for layer in model.modules():
+        if isinstance(layer, bnb.nn.Linear4bit):
+            # bitsandbytes 0.50 repacks a 4-bit weight for its CPU inference kernel the first time the
+            # layer runs in eval mode (an evaluation), and from then on trains through that kernel too,
+            # which adds the bias in place on a tensor autograd tracks: keep the trainable layout.
+            layer.support_avx512bf16_for_cpu = False
+    return model
+
+
+def apply_lora(model: OPTForCausalLM, cfg: LoraConfig, frozen_dtype: torch.dtype | None = None):
+    """Wrap `model` in a peft LoRA model: base weights frozen, only adapters train (in fp32). The
+    frozen base goes to `frozen_dtype` (the compute dtype under autocast: it is only ever read in
+    it); a 4-bit base gets peft's k-bit preparation (norms and embeddings in fp32)."""
+    from peft import LoraConfig as PeftLoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     missing = [m for m in cfg.target_modules if m not in names]
     if missing:
         raise UserError(f"lora.target_modules {missing} are not modules of this model; OPT has "
                         "q_proj, k_proj, v_proj, out_proj, fc1, fc2")
+    if cfg.quantize != "none":
+        # the toolkit checkpoints activations itself (strategy.enable_activation_checkpointing)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    elif frozen_dtype is not None:
+        model.to(frozen_dtype)  # before peft adds the adapters, which it makes fp32
     peft_config = PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
                                  target_modules=list(cfg.target_modules), task_type="CAUSAL_LM")
     return get_peft_model(model, peft_config)

@@ -52,6 +52,7 @@ def main(argv=None) -> None:
             if accelerator.is_main_process:
                 lock = claim_output_dir(cfg)
             strategy.check_optimizer(accelerator, cfg)  # an optimizer the strategy can't run stops before any work
+            strategy.check_lora(accelerator, cfg)
         with job.stop_together(accelerator):
             job.check_shared(accelerator, lock, out)  # every machine must see the same output_dir
         run(cfg, accelerator, stop, console)
@@ -61,12 +62,14 @@ def main(argv=None) -> None:
 
 
 def run(cfg: RunConfig, accelerator, stop, console) -> None:
+    import torch
     from accelerate.utils import set_seed
 
     from . import checkpoint, cpu as cpu_lib, data, export, job, launch, measure, strategy, telemetry
     from .card import model_card
     from .loss import fuse_head_and_loss
-    from .model import apply_lora, build_model, build_tokenizer, initialize_weights, is_preset, model_config
+    from .model import (apply_lora, build_model, build_tokenizer, initialize_weights, is_preset, model_config,
+                        quantized_base)
     from .optim import build_optimizer, build_scheduler
 
     out = Path(cfg.output_dir)
@@ -91,16 +94,21 @@ def run(cfg: RunConfig, accelerator, stop, console) -> None:
 
     memory = measure.MemoryAtStart()
     with job.stop_together(accelerator):
-        model = build_model(cfg.model, tokenizer)  # all ranks at once: under ZeRO-3 building is collective
+        compute_dtype = strategy.autocast_dtype(accelerator)
+        if cfg.lora.quantize != "none":
+            model = quantized_base(cfg.model, cfg.lora.quantize, tokenizer, cfg.train.seed, accelerator.device,
+                                   compute_dtype or torch.float32)
+        else:
+            model = build_model(cfg.model, tokenizer)  # all ranks at once: under ZeRO-3 building is collective
         # Evaluation always scores through the chunked head; training too, unless train.fused_loss=false.
         model = fuse_head_and_loss(model, training=cfg.train.fused_loss)
         if cfg.lora.enabled:
-            model = apply_lora(model, cfg.lora)
+            model = apply_lora(model, cfg.lora, frozen_dtype=compute_dtype)
         checkpointing = None
         if cfg.model.gradient_checkpointing:
             checkpointing = strategy.enable_activation_checkpointing(accelerator, model)
         model = strategy.shard_before_optimizer(accelerator, model)
-        if is_preset(cfg.model.name_or_path):
+        if is_preset(cfg.model.name_or_path) and cfg.lora.quantize == "none":  # (a 4-bit base has its values)
             initialize_weights(model, cfg.train.seed, strategy.init_device(accelerator))
     memory.mark("model_built")
     max_steps = count_steps(cfg, len(train_set), accelerator.num_processes)
@@ -117,7 +125,8 @@ def run(cfg: RunConfig, accelerator, stop, console) -> None:
     cfg.runtime.update(launch.launch_record())
     cfg.runtime.update(**cpu, max_steps=max_steps, data_format=",".join(sorted({p.format for p in train_parts})),
                        attn_implementation=accelerator.unwrap_model(model).config._attn_implementation,
-                       activation_checkpointing=checkpointing, trainable_params=measure.trainable_numel(model))
+                       activation_checkpointing=checkpointing, trainable_params=measure.trainable_numel(model),
+                       param_dtypes=measure.parameter_dtypes(model), param_bytes=measure.parameter_bytes(model))
     # What MFU is computed from: the model's FLOPs per token and this device's peak.
     flops = {**measure.model_flops(accelerator.unwrap_model(model)),
              **measure.peak_flops(accelerator, cfg, cfg.runtime["mixed_precision"])}

@@ -100,6 +100,23 @@ def check_optimizer(accelerator: Accelerator, cfg: RunConfig) -> None:
                         "config without optimizer offload (accelerate_configs/zero2.yaml) for 8-bit states")
 
 
+def check_lora(accelerator: Accelerator, cfg: RunConfig) -> None:
+    """Before any work: QLoRA's 4-bit base runs where each process holds the whole model."""
+    running = accelerator.distributed_type
+    if cfg.lora.quantize != "none" and running in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        raise UserError(f"lora.quantize={cfg.lora.quantize} runs on one process or under DDP "
+                        f"(accelerate_configs/single.yaml, ddp.yaml): {running.value} shards or casts the base, "
+                        "which bitsandbytes' packed 4-bit weights can't go through; set lora.quantize=none here")
+
+
+def autocast_dtype(accelerator: Accelerator) -> torch.dtype | None:
+    """The dtype accelerate's autocast computes in (DDP, FSDP, one process), None in fp32 and under
+    DeepSpeed, whose bf16/fp16 modes cast the module themselves."""
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision)
+
+
 def checkpoint_layout(accelerator: Accelerator) -> str:
     """The layout `save_state` writes under this strategy (see checkpoint.layout)."""
     return {DistributedType.DEEPSPEED: "deepspeed", DistributedType.FSDP: "fsdp"}.get(accelerator.distributed_type,
