@@ -133,7 +133,7 @@ def run(cfg: RunConfig, accelerator, stop, console) -> None:
     cfg.runtime.update(flops)
 
     if resume_from is not None:
-        checkpoint.resume(accelerator, resume_from)  # all ranks
+        checkpoint.resume(accelerator, resume_from, quantized_base=cfg.lora.quantize != "none")  # all ranks
         accelerator.print(f"resumed from {resume_from} at step {state['step']}")
     if cpu:
         cpu_lib.release_freed_memory()
@@ -298,13 +298,18 @@ def run_evaluation(cfg: RunConfig, accelerator, model, eval_loader, tokenizer, t
                    step: int) -> None:
     """All ranks: evaluate, generate the samples, log, and note in `state` whether the held-out loss is the best so far
     (every rank gets the same metrics, so they agree on the best and on stopping early)."""
+    import torch
+
     from .validation import evaluate_model, generate, sample_prompts
 
-    metrics = evaluate_model(model, eval_loader, accelerator, max_batches=cfg.eval.max_batches)  # all ranks
-    telemetry.log({"step": step, **{f"eval_{k}": v for k, v in metrics.items()}})
-    prompts = sample_prompts(cfg.eval.sample_prompts)
-    if prompts:
+    # On a fork of the RNG: the held-out loader's start draws from it, and training's dropout must
+    # not depend on whether (or where, before a checkpoint) an evaluation ran.
+    with torch.random.fork_rng(devices=[]):
+        metrics = evaluate_model(model, eval_loader, accelerator, max_batches=cfg.eval.max_batches)  # all ranks
+        prompts = sample_prompts(cfg.eval.sample_prompts)
         completions = generate(accelerator, model, tokenizer, prompts, cfg.eval.sample_max_new_tokens)  # all ranks
+    telemetry.log({"step": step, **{f"eval_{k}": v for k, v in metrics.items()}})
+    if prompts:
         telemetry.log_samples(step, dict(zip(prompts, completions)))
     if state["best_eval_loss"] is None or metrics["loss"] < state["best_eval_loss"]:
         state.update(best_eval_loss=metrics["loss"], best_step=step, evals_since_best=0)
@@ -315,10 +320,19 @@ def run_evaluation(cfg: RunConfig, accelerator, model, eval_loader, tokenizer, t
 def micro_batches(accelerator, loader, state: dict):
     """Endless micro-batches, epoch after epoch, starting at `state`'s data position (epoch and
     batches already taken in it), which it keeps current so a checkpoint can resume exactly here."""
+    import itertools
+
+    import torch
+
     while True:
         loader.set_epoch(state["epoch"])  # the seedable sampler shuffles by seed + epoch
-        epoch_batches = accelerator.skip_first_batches(loader, state["batch"]) if state["batch"] else loader
-        for batch in epoch_batches:
+        # Starting an epoch draws from the global RNG (DataLoader's _base_seed, accelerate's skipping
+        # loader), at another point of the stream in a resumed run than in the uninterrupted one, and
+        # dropout would differ from there on: it starts on a fork of the RNG, so starting draws nothing.
+        with torch.random.fork_rng(devices=[]):
+            epoch_batches = iter(accelerator.skip_first_batches(loader, state["batch"]) if state["batch"] else loader)
+            first = list(itertools.islice(epoch_batches, 1))
+        for batch in itertools.chain(first, epoch_batches):
             state["batch"] += 1
             yield batch
         state["epoch"] += 1
