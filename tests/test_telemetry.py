@@ -321,13 +321,14 @@ def test_the_optional_kernel_noise_is_dropped_by_logger_and_subject_not_by_one_t
     assert capsys.readouterr().err == "something else went wrong\n"
 
 
-def test_the_demo_starts_and_trains_without_a_warning(tmp_path):
-    """The demo's run on one process as `accelerate launch` starts it: nothing on stderr but progress
-    bars, and no warning on stdout. `make test-latest` runs this too, with the newest releases in
-    pyproject's ranges (transformers, accelerate, bitsandbytes with `kernels`), whose new warnings
-    would show here first."""
+@pytest.mark.parametrize("variant", [["optim.name=adamw_8bit"], ["lora.enabled=true", "lora.quantize=nf4"]])
+def test_the_demo_starts_and_trains_without_a_warning(variant, tmp_path):
+    """The demo's run on one process as `accelerate launch` starts it (with 8-bit Adam, or as QLoRA):
+    nothing on stderr but progress bars, and no warning on stdout. `make test-latest` runs this too,
+    with the newest releases in pyproject's ranges (transformers, accelerate, bitsandbytes with
+    `kernels`), whose new warnings would show here first."""
     proc = launch("toolkit.train", ["--config", "examples/demo.yaml", "train.max_steps=2", "eval.every=2",
-                                    "eval.max_batches=1", "optim.name=adamw_8bit", f"output_dir={tmp_path}"])
+                                    "eval.max_batches=1", *variant, f"output_dir={tmp_path}"])
     progress = re.compile(r"^[\w -]+:\s+\d+%\|.*\| \d+/\d+ \[")  # tqdm's bars (train, tokenize, ...)
     printed = [line for line in re.split(r"[\r\n]", proc.stderr) if line.strip() and not progress.match(line)]
     assert printed == [], "\n".join(printed)

@@ -384,6 +384,9 @@ def test_make_demo_trains_with_two_processes_and_evaluates(tmp_path):
     log = (out / "train.log").read_text()
     summary = next(line for line in proc.stdout.splitlines() if line.startswith("summary: "))
     assert summary in log.splitlines() and "step 2: eval_loss" in log and "\r" not in log
+    samples = [json.loads(line) for line in (out / "samples.jsonl").open()]
+    assert [(s["step"], s["prompt"]) for s in samples] == [(step, prompt) for step in (0, 2, 4)
+                                                           for prompt in ("Return the", "This module provides")]
 
 
 def test_keep_best_survives_keep_last_and_early_stopping_stops_where_it_should(text_data, tmp_path):

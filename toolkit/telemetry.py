@@ -111,10 +111,10 @@ def quiet_known_noise() -> None:
     dropped = {
         # bitsandbytes' optional CPU kernels from the Hub (the `kernels` package, which the newest
         # releases install, fetches them; offline or without it the loading fails and is said, kernel by
-        # kernel): the toolkit uses no 4-bit layers
+        # kernel): faster 4-bit matmuls, without which QLoRA computes the same through its own
         "bitsandbytes.backends.cpu.ops": r"kernels-community|pip install kernels",
         # OPT ties lm_head to the token embeddings: saving stores the tensor once, loading re-ties it
-        "accelerate.utils.other": r"Removed shared tensor \{'lm_head\.weight'\} while saving",
+        "accelerate.utils.other": r"Removed shared tensor \{'(base_model\.model\.)?lm_head\.weight'\} while saving",
     }
     if Requested.from_env().kind != "deepspeed":
         # DeepSpeed, imported by other libraries, says where it would run; this run does not use it
@@ -125,6 +125,8 @@ def quiet_known_noise() -> None:
     # call them, and they work.
     warnings.filterwarnings("ignore", category=FutureWarning,
                             message=r"`torch\.distributed\.(reduce_scatter_tensor|all_gather_into_tensor)` is deprecated")
+    # peft reads transformers' `is_gradient_checkpointing`, which transformers 5 renames; it works
+    warnings.filterwarnings("ignore", category=FutureWarning, message=r"`is_gradient_checkpointing` is deprecated")
 
 
 # --- trackers -------------------------------------------------------------------------------------

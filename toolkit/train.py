@@ -296,8 +296,8 @@ def diverged(step: int, health: dict, guard, last_saved: Path | None) -> str:
 
 def run_evaluation(cfg: RunConfig, accelerator, model, eval_loader, tokenizer, telemetry, state: dict,
                    step: int) -> None:
-    """All ranks: evaluate, generate the samples, log, and note in `state` whether the held-out loss is the best so far
-    (every rank gets the same metrics, so they agree on the best and on stopping early)."""
+    """All ranks: evaluate, generate the samples, log, and note in `state` whether the held-out loss
+    is the best so far (every rank gets the same metrics, so they agree on the best and on stopping early)."""
     import torch
 
     from .validation import evaluate_model, generate, sample_prompts
