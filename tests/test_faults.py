@@ -17,7 +17,7 @@ from toolkit import job
 
 # Long enough that a signal lands mid-run (tiny-opt steps take ~0.1 s here); constant LR, so
 # where a run stops does not change what the remaining steps compute.
-LONG = {"train.micro_batch_size": 2, "train.grad_accum_steps": 2, "train.max_steps": 40, "eval.every": 0,
+LONG = {"train.micro_batch_size": 2, "train.grad_accum_steps": 2, "train.max_steps": 60, "eval.every": 0,
         "optim.max_grad_norm": 0.5}
 FP32 = ["--mixed_precision", "no"]
 # The same strategy, interrupted or not, does the same arithmetic: only the reload of fp32 state
@@ -44,8 +44,11 @@ def test_sigterm_saves_exits_and_resumes_exactly(config, uninterrupted, text_dat
     out = tmp_path / "run"
     running = Job("toolkit.train", tiny_run(text_data, out, **LONG), config=config, extra=FP32)
     try:
-        running.wait_for(lambda: len(logged_steps(out)) >= 3, what="step 3")
+        # The workers are found first: a scan of /proc (every process's environment) can take seconds
+        # on a busy machine, and the signal must land while the run still has steps to go.
+        running.wait_for(lambda: len(running.workers()) == 2, what="2 workers")
         rank_1 = running.workers()[1]
+        running.wait_for(lambda: len(logged_steps(out)) >= 3, what="step 3")
         signalled = time.monotonic()
         os.kill(rank_1, signal.SIGTERM)  # one rank only: all must agree to stop
         code, stdout, stderr = running.finish(timeout=60)
