@@ -147,10 +147,12 @@ def detect_format(ds: datasets.Dataset, cfg: DataConfig, source: str = "", fix: 
 
 def weighted(rows: datasets.Dataset, weight: float, seed: int) -> datasets.Dataset:
     """`weight` times the rows: each whole time all of them, the fraction a seeded sample."""
+    if weight == 1:
+        return rows
     whole, fraction = divmod(weight, 1)
     picks = list(range(len(rows))) * int(whole)
     picks += sorted(random.Random(seed).sample(range(len(rows)), round(fraction * len(rows))))
-    return rows if weight == 1 else rows.select(picks)
+    return rows.select(picks)
 
 
 def plain_texts(parts: list[Part], cfg: DataConfig):
@@ -162,7 +164,7 @@ def plain_texts(parts: list[Part], cfg: DataConfig):
             elif part.format == "chat":
                 yield from ("\n".join(m["content"] for m in to_messages(c)) for c in batch[chat_column(batch)])
             else:
-                yield from (p + r for p, r, _ in prompts_and_responses(batch, part.format, cfg))
+                yield from (p + r for p, r in prompts_and_responses(batch, part.format, cfg))
 
 
 def check_block_size(block_size: int, max_positions: int, key: str = "data.block_size") -> None:
@@ -274,10 +276,10 @@ def supervised_tokens(batch, tokenizer, cfg: DataConfig, fmt: str, template: str
 
 
 def prompt_response_tokens(batch, tokenizer, cfg: DataConfig, fmt: str):
-    prompts, responses, texts = zip(*prompts_and_responses(batch, fmt, cfg))
+    prompts, responses = zip(*prompts_and_responses(batch, fmt, cfg))
     prompt_ids = tokenizer(list(prompts))["input_ids"]
     response_ids = tokenizer(list(responses), add_special_tokens=False)["input_ids"]
-    for prompt, response, text in zip(prompt_ids, response_ids, texts):
+    for prompt, response, text in zip(prompt_ids, response_ids, responses):
         response = response + [tokenizer.eos_token_id]
         yield prompt + response, [IGNORE] * len(prompt) + response, text
 
@@ -292,13 +294,13 @@ ALPACA_PROMPT_WITH_INPUT = ("Below is an instruction that describes a task, pair
 
 
 def prompts_and_responses(batch, fmt: str, cfg: DataConfig):
-    """(prompt, response, response) per row of sft or alpaca data (sft: the fields as they are)."""
+    """(prompt, response) per row of sft or alpaca data (sft: the fields as they are)."""
     if fmt == "sft":
-        return zip(batch[cfg.prompt_field], batch[cfg.response_field], batch[cfg.response_field])
+        return zip(batch[cfg.prompt_field], batch[cfg.response_field])
     inputs = batch.get("input") or [""] * len(batch["instruction"])
     prompts = [(ALPACA_PROMPT_WITH_INPUT if context else ALPACA_PROMPT).format(instruction=instruction, input=context)
                for instruction, context in zip(batch["instruction"], inputs)]
-    return zip(prompts, batch["output"], batch["output"])
+    return zip(prompts, batch["output"])
 
 
 # OPT ships no chat template. This one marks each assistant reply (and its EOS, so the model learns
