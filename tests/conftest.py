@@ -125,10 +125,11 @@ def environment(**extra) -> dict:
 
 
 def launch(module: str, args: list[str], config: str | None = "single", extra: list[str] = (),
-           check: bool = True, timeout: int = 900) -> subprocess.CompletedProcess:
+           check: bool = True, timeout: int = 900, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run a command to the end; output is kept for the failure message."""
     cmd = command(module, args, config, extra)
-    proc = subprocess.run(cmd, cwd=ROOT, env=environment(), capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, cwd=ROOT, env=environment(**(env or {})), capture_output=True, text=True,
+                          timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc

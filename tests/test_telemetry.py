@@ -306,29 +306,41 @@ def test_two_processes_count_both_ranks(one_process, split_sft, tmp_path):
 
 def test_the_optional_kernel_noise_is_dropped_by_logger_and_subject_not_by_one_text(capsys):
     """bitsandbytes says, kernel by kernel, that it could not fetch optional CPU kernels from the Hub
-    (the newest releases install `kernels`); any such line from its logger is dropped, its other
-    warnings still show."""
+    (the newest releases install `kernels`), and under HF_HUB_OFFLINE `kernels` says it cannot check
+    that kernel's publisher; those lines are dropped, every other warning of either logger still shows."""
     telemetry.quiet_known_noise()
-    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    said = {
+        "bitsandbytes.backends.cpu.ops": ["Failed to load CPU gemm_4bit_forward from kernels-community: offline",
+                                          "Failed to load CPU gemv_4bit from kernels-community: no kernels >= 0.11.1",
+                                          "something else went wrong"],
+        "kernels._internals.hf_hub": ["Skipping publisher trust check for 'kernels-community/quantization-bitsandbytes'"
+                                      " because Hugging Face Hub is in offline mode.",
+                                      "Skipping publisher trust check for 'someone/their-kernel' because Hugging Face"
+                                      " Hub is in offline mode."],
+    }
     handler = logging.StreamHandler()
-    logger.addHandler(handler)
-    try:
-        logger.warning("Failed to load CPU gemm_4bit_forward from kernels-community: offline")
-        logger.warning("Failed to load CPU gemv_4bit from kernels-community: no kernels >= 0.11.1")
-        logger.warning("something else went wrong")
-    finally:
-        logger.removeHandler(handler)
-    assert capsys.readouterr().err == "something else went wrong\n"
+    for name, messages in said.items():
+        logger = logging.getLogger(name)
+        logger.addHandler(handler)
+        try:
+            for message in messages:
+                logger.warning(message)
+        finally:
+            logger.removeHandler(handler)
+    assert capsys.readouterr().err.splitlines() == [
+        "something else went wrong",
+        "Skipping publisher trust check for 'someone/their-kernel' because Hugging Face Hub is in offline mode."]
 
 
-@pytest.mark.parametrize("variant", [["optim.name=adamw_8bit"], ["lora.enabled=true", "lora.quantize=nf4"]])
-def test_the_demo_starts_and_trains_without_a_warning(variant, tmp_path):
-    """The demo's run on one process as `accelerate launch` starts it (with 8-bit Adam, or as QLoRA):
-    nothing on stderr but progress bars, and no warning on stdout. `make test-latest` runs this too,
-    with the newest releases in pyproject's ranges (transformers, accelerate, bitsandbytes with
-    `kernels`), whose new warnings would show here first."""
+@pytest.mark.parametrize("variant, hub", [(["optim.name=adamw_8bit"], {}),
+                                          (["lora.enabled=true", "lora.quantize=nf4"], {"HF_HUB_OFFLINE": "1"})])
+def test_the_demo_starts_and_trains_without_a_warning(variant, hub, tmp_path):
+    """The demo's run on one process as `accelerate launch` starts it (with 8-bit Adam, or as QLoRA with
+    the Hub switched off as offline users and CI do): nothing on stderr but progress bars, and no
+    warning on stdout. `make test-latest` runs this too, with the newest releases in pyproject's ranges
+    (transformers, accelerate, bitsandbytes with `kernels`), whose new warnings would show here first."""
     proc = launch("toolkit.train", ["--config", "examples/demo.yaml", "train.max_steps=2", "eval.every=2",
-                                    "eval.max_batches=1", *variant, f"output_dir={tmp_path}"])
+                                    "eval.max_batches=1", *variant, f"output_dir={tmp_path}"], env=hub)
     progress = re.compile(r"^[\w -]+:\s+\d+%\|.*\| \d+/\d+ \[")  # tqdm's bars (train, tokenize, ...)
     printed = [line for line in re.split(r"[\r\n]", proc.stderr) if line.strip() and not progress.match(line)]
     assert printed == [], "\n".join(printed)

@@ -113,6 +113,8 @@ def quiet_known_noise() -> None:
         # releases install, fetches them; offline or without it the loading fails and is said, kernel by
         # kernel): faster 4-bit matmuls, without which QLoRA computes the same through its own
         "bitsandbytes.backends.cpu.ops": r"kernels-community|pip install kernels",
+        # ... and under HF_HUB_OFFLINE `kernels` first says it cannot check that kernel's publisher
+        "kernels._internals.hf_hub": r"publisher trust check for 'kernels-community/quantization-bitsandbytes'",
         # OPT ties lm_head to the token embeddings: saving stores the tensor once, loading re-ties it
         "accelerate.utils.other": r"Removed shared tensor \{'(base_model\.model\.)?lm_head\.weight'\} while saving",
     }
