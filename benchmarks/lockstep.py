@@ -11,7 +11,8 @@ step one minute later.
 
 The turn is taken in torch's global optimizer-step hook, which every torch optimizer calls (the
 fused AdamW of the toolkit, the reference loop and the Trainer alike), so the programs run
-unchanged. Each process writes DIR/seconds-K-rank<R>.json: for every step after the first, the
+unchanged; under DeepSpeed, after the engine's step (ZeRO-3 steps one optimizer per sub-group).
+Each process writes DIR/seconds-K-rank<R>.json: for every step after the first, the
 seconds from getting the baton to the end of its optimizer step, i.e. one whole turn of its loop
 (logging, the next batch, forward, backward, the step). The first step overlaps the others'
 start-up; it ends at a rendezvous of all N programs, after which program 0 goes first.
@@ -83,6 +84,23 @@ class Baton:
         os.read(self.mine, 1)
 
 
+def turn_after_deepspeed_steps(baton: Baton) -> None:
+    """ZeRO-3 steps its torch optimizer once per parameter sub-group, so under DeepSpeed the turn is
+    taken after the engine's step that moved the model (its global step count went up)."""
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    engine_step = DeepSpeedEngine.step
+
+    def step(engine, *args, **kwargs):
+        before = engine.global_steps
+        result = engine_step(engine, *args, **kwargs)
+        if engine.global_steps != before:
+            baton.after_step()
+        return result
+
+    DeepSpeedEngine.step = step
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ring", type=Path, required=True)
@@ -93,7 +111,10 @@ def main() -> None:
     args = parser.parse_args()
     program = args.program[1:] if args.program[:1] == ["--"] else args.program
     baton = Baton(args.ring, args.turn, args.of, args.steps)
-    register_optimizer_step_post_hook(baton.after_step)
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true":
+        turn_after_deepspeed_steps(baton)
+    else:
+        register_optimizer_step_post_hook(baton.after_step)
     if program[0] == "-m":
         sys.argv = program[1:]
         runpy.run_module(program[1], run_name="__main__", alter_sys=True)
