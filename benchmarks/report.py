@@ -40,11 +40,15 @@ def write_speed_section(r: dict, results_md: Path) -> None:
               f"- Optimizer state: AdamW {d['adam8bit']['bytes']['adamw'] / 2**20:.1f} MiB, 8-bit "
               f"{d['adam8bit']['bytes']['adamw_8bit'] / 2**20:.1f} MiB (**{d['adam8bit']['ratio']:.3f}**)."]
     if "strategies" in d:
-        lines += ["", "What each strategy costs: tokens/s of every accelerate config relative to DDP on as many "
-                  "processes (2, or the 4 that hsdp's 2 x 2 mesh needs, then sharing 2 cores four ways):", "",
-                  "| config | processes | tokens/s | vs ddp |", "|---|---|---|---|"]
-        lines += [f"| {c} | {s.get('processes', 2)} | {s['tokens_per_s']:.1f} | {s['vs_ddp']:.3f} |"
-                  for c, s in d["strategies"].items()]
+        lines += ["", "What each strategy costs: tokens/s of every accelerate config against DDP on as many processes "
+                  "(2, or the 4 that hsdp's 2 x 2 mesh needs, then sharing 2 cores four ways), the two taking turns "
+                  "step by step; vs ddp is the median over the pairs of adjacent steps"
+                  + (f" (`{d['strategies_command']}`, {d['strategies_minutes']} min)" if "strategies_command" in d else "")
+                  + ":", "",
+                  "| config | processes | tokens/s | ddp tokens/s in the same turns | vs ddp | MB/rank/step |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {c} | {s['processes']} | {s['tokens_per_s']:.1f} | {s['ddp_tokens_per_s']:.1f} | "
+                  f"{s['vs_ddp']:.3f} | {s['mb_per_rank_step']:.1f} |" for c, s in sorted(d["strategies"].items())]
     for key in ("checkpoint", "preprocessing", "activation_checkpointing"):
         if key in d:
             lines += ["", f"- {key}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"

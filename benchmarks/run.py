@@ -326,18 +326,23 @@ class Bench:
         return {"plain_MiB": saved[False] / 2**20, "checkpointed_MiB": saved[True] / 2**20,
                 "ratio": saved[True] / saved[False]}
 
-    def strategies(self) -> dict:
-        """tokens/s of every accelerate config relative to DDP on as many processes, the same job."""
-        configs = sorted(p.stem for p in (ROOT / "accelerate_configs").glob("*.yaml") if p.stem != "single")
-        rates = {}
-
-        def rate(config: str, processes: int) -> float:
-            if (config, processes) not in rates:
-                rates[config, processes] = self.toolkit(processes, config=config)["tokens_per_s"]
-            return rates[config, processes]
-
-        return {c: {"processes": n, "tokens_per_s": rate(c, n), "vs_ddp": rate(c, n) / rate("ddp", n)}
-                for c in configs for n in [config_processes(c)]}
+    def strategies(self, configs: list[str]) -> dict:
+        """tokens/s of each accelerate config against DDP on as many processes, the two taking turns step
+        by step (the ratio: the median over pairs of adjacent steps), and what each rank sends per step."""
+        out, warm = {}, self.mode["warmup"]
+        for config in configs:
+            processes = config_processes(config)
+            runs = {"ddp": self.work / "ddp", config: self.work / "strategy"}
+            seconds = self.alternated(processes, {name: (name, self.toolkit_program(out_dir, processes))
+                                                  for name, out_dir in runs.items()})
+            rates = {name: [t / s for t, s in zip(self.toolkit_tokens(out_dir)[warm:], seconds[name])]
+                     for name, out_dir in runs.items()}
+            sent = [r.get("comm_bytes", 0) for r in self.toolkit_steps(runs[config])[warm:]]
+            out[config] = {"processes": processes, "tokens_per_s": statistics.median(rates[config]),
+                           "ddp_tokens_per_s": statistics.median(rates["ddp"]),
+                           "vs_ddp": statistics.median(a / b for a, b in zip(rates[config], rates["ddp"])),
+                           "step_pairs": len(rates[config]), "mb_per_rank_step": statistics.median(sent) / 1e6}
+        return out
 
 
 def config_processes(config: str) -> int:
@@ -353,9 +358,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def whole_run_args(argv, description: str, quick: str, section: str, prefix: str):
+def whole_run_args(argv, description: str, quick: str, section: str, prefix: str, extra=None):
     """The arguments of a benchmark that runs whole jobs (this one, scaling.py): (args, mode, work)."""
     parser = argparse.ArgumentParser(description=description)
+    if extra:
+        extra(parser)
     parser.add_argument("--quick", action="store_true", help=quick)
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--results", type=Path, help=f"markdown file whose {section} section is rewritten (RESULTS.md)")
@@ -367,16 +374,36 @@ def whole_run_args(argv, description: str, quick: str, section: str, prefix: str
 
 
 def main(argv=None) -> None:
+    def only_strategies(parser):
+        parser.add_argument("--strategies", nargs="+", metavar="CONFIG",
+                            help="only the strategy table, for these accelerate configs (each in turns with DDP); "
+                                 "with --json, their rows replace those of the results already in that file")
     args, mode, work = whole_run_args(argv, __doc__.splitlines()[0], "fewer, shorter turns: a few minutes", "speed",
-                                      "toolkit-bench-")
+                                      "toolkit-bench-", only_strategies)
     bench = Bench(mode, work)
     started = time.time()
     bench.prepare()
+    command = " ".join([Path(sys.executable).name, *sys.argv])
+    if args.strategies:
+        rows = bench.strategies(args.strategies)
+        print(json.dumps(rows, indent=2))
+        if args.json:
+            results = json.loads(args.json.read_text())
+            earlier = results["detail"].get("strategies", {})  # rows taken in turns; older ones were not
+            results["detail"]["strategies"] = {**{c: r for c, r in earlier.items() if "ddp_tokens_per_s" in r}, **rows}
+            results["detail"]["strategies_command"] = command
+            results["detail"]["strategies_minutes"] = round(time.time() - started) // 60
+            args.json.write_text(json.dumps(results, indent=2, default=str) + "\n")
+            if args.results:
+                from report import write_speed_section
+                write_speed_section(results, args.results)
+        return
     throughput = bench.throughput()
     detail = {"throughput": throughput, "mfu": bench.mfu(throughput[1]), "packing": bench.packing(),
               "state_memory": bench.state_memory(), "adam8bit": bench.adam8bit()}
     if MODES[mode]["configs"]:
-        detail.update(strategies=bench.strategies(), checkpoint=bench.checkpoint(),
+        configs = sorted(p.stem for p in (ROOT / "accelerate_configs").glob("*.yaml") if p.stem not in ("single", "ddp"))
+        detail.update(strategies=bench.strategies(configs), checkpoint=bench.checkpoint(),
                       preprocessing=bench.preprocessing(), activation_checkpointing=bench.activation_checkpointing())
     results = {
         "throughput_vs_reference": min(t["vs_reference"] for t in throughput.values()),
@@ -386,7 +413,7 @@ def main(argv=None) -> None:
         "zero3_state_memory_vs_ddp": detail["state_memory"]["ratio"],
         "adam8bit_state_vs_adamw": detail["adam8bit"]["ratio"],
         "mode": mode, "machine": machine(), "seconds": round(time.time() - started), "detail": detail,
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "command": command,
     }
     text = json.dumps(results, indent=2, default=str)
     print(text)
