@@ -154,15 +154,6 @@ class Bench:
         """Input tokens (non-pad, all ranks) of each optimizer step."""
         return [r["input_tokens"] for r in self.toolkit_steps(out)]
 
-    def toolkit(self, processes: int, config: str | None = None, **overrides) -> dict:
-        """One toolkit run on its own: tokens/s, the median of its steps after warm-up."""
-        out = self.work / "toolkit"
-        config = config or ("single" if processes == 1 else "ddp")
-        self.launch(config, self.toolkit_program(out, processes, **overrides), processes, f"toolkit-{config}-{processes}")
-        steps = self.toolkit_steps(out)
-        rates = [b["input_tokens"] / (b["time"] - a["time"]) for a, b in zip(steps, steps[1:])]
-        return {"tokens_per_s": statistics.median(rates[self.mode["warmup"] - 1:])}
-
     def peer_program(self, name: str, processes: int) -> list[str]:
         m = self.mode
         return [str(ROOT / "benchmarks" / "peers" / f"{name}_loop.py"), "--model_config", str(self.model_config),
