@@ -2,6 +2,7 @@
 another, and in turns step by step (run.py's way).
 
     python benchmarks/whole_runs.py --rounds 2 --work /tmp/whole-runs
+    python benchmarks/whole_runs.py --rounds 2 --strategies fsdp zero3   # against DDP, 2 processes
 
 run.py's job at one process (random-opt-125m, micro batch 8 x 128 tokens, fp32, the same threads
 for both). Whole runs: per round, a 9-step and a 3-step `accelerate launch` of each program,
@@ -25,14 +26,30 @@ from run import Bench, machine
 LONG, SHORT = 9, 3
 
 
-def whole_run_seconds(bench: Bench, name: str, steps: int) -> float:
-    """Wall time of one whole `accelerate launch` of the program for `steps` optimizer steps."""
+def whole_run_seconds(bench: Bench, name: str, steps: int, processes: int = 1) -> float:
+    """Wall time of one whole `accelerate launch` for `steps` optimizer steps: of the Trainer
+    (name "trainer"), or of the toolkit under the accelerate config `name` ("toolkit": single)."""
     bench.mode = dict(bench.mode, steps=steps)
-    program = (bench.toolkit_program(bench.work / "toolkit", 1) if name == "toolkit"
-               else bench.peer_program("trainer", 1))
+    if name == "trainer":
+        config, program = "single", bench.peer_program("trainer", processes)
+    else:
+        config = "single" if name == "toolkit" else name
+        program = bench.toolkit_program(bench.work / "toolkit", processes)
     started = time.perf_counter()
-    bench.launch("single", program, 1, f"{name}-{steps}")
+    bench.launch(config, program, processes, f"{name}-{steps}")
     return time.perf_counter() - started
+
+
+def seconds_per_step(bench: Bench, names: list[str], rounds: int, processes: int = 1) -> dict[str, list[float]]:
+    """Per round and program: (wall time of a LONG-step run - of a SHORT-step run) / (LONG - SHORT),
+    the runs alternated (every program's long run, then every program's short one)."""
+    per_step = {name: [] for name in names}
+    for _ in range(rounds):
+        walls = {(name, steps): whole_run_seconds(bench, name, steps, processes)
+                 for steps in (LONG, SHORT) for name in names}
+        for name in names:
+            per_step[name].append((walls[name, LONG] - walls[name, SHORT]) / (LONG - SHORT))
+    return per_step
 
 
 def main() -> None:
@@ -40,17 +57,26 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--work", type=Path)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--strategies", nargs="+", metavar="CONFIG",
+                        help="instead: these accelerate configs against DDP, whole runs of 2 processes")
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="whole-runs-"))
     bench = Bench("full", work)
     bench.prepare()
 
-    per_step = {"toolkit": [], "trainer": []}
-    for _ in range(args.rounds):
-        walls = {(name, steps): whole_run_seconds(bench, name, steps)
-                 for steps in (LONG, SHORT) for name in ("toolkit", "trainer")}
-        for name in per_step:
-            per_step[name].append((walls[name, LONG] - walls[name, SHORT]) / (LONG - SHORT))
+    if args.strategies:
+        whole_run_seconds(bench, "ddp", 1, 2)  # tokenizes the text once, before anything is timed
+        result = {}
+        for config in args.strategies:
+            per_step = seconds_per_step(bench, ["ddp", config], args.rounds, processes=2)
+            ratios = [ddp / other for ddp, other in zip(per_step["ddp"], per_step[config])]
+            result[config] = {"seconds_per_step": per_step, "vs_ddp": ratios, "median": statistics.median(ratios)}
+        print(json.dumps(result, indent=2))
+        if args.json:
+            args.json.write_text(json.dumps({"strategies_whole_runs": result, "machine": machine()}, indent=2) + "\n")
+        return
+
+    per_step = seconds_per_step(bench, ["toolkit", "trainer"], args.rounds)
     tokens = bench.peer_tokens("trainer", 1)  # the same 8 x 128 tokens a step for both
     whole = [trainer / toolkit for toolkit, trainer in zip(per_step["toolkit"], per_step["trainer"])]
 
