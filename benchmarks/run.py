@@ -169,24 +169,28 @@ class Bench:
         return r["tokens_per_step"]
 
     # --- the measurements ----------------------------------------------------------------------
+    def toolkit_against(self, peer: str, processes: int) -> tuple[list[float], list[float]]:
+        """The toolkit and a peer taking turns step by step: each one's tokens/s of its steps after
+        the warm-up, in order (the toolkit's step k against the peer's step k)."""
+        config, toolkit_out = "single" if processes == 1 else "ddp", self.work / "toolkit"
+        seconds = self.alternated(processes, {"toolkit": (config, self.toolkit_program(toolkit_out, processes)),
+                                              peer: (config, self.peer_program(peer, processes))})
+        ours = [t / s for t, s in zip(self.toolkit_tokens(toolkit_out)[self.mode["warmup"]:], seconds["toolkit"])]
+        return ours, [self.peer_tokens(peer, processes) / s for s in seconds[peer]]
+
     def throughput(self) -> dict:
         """The toolkit against each peer, the two taking turns step by step; each ratio is the median
         over the pairs of adjacent steps (the toolkit's step k against the peer's step k)."""
-        out, toolkit_out, warm = {}, self.work / "toolkit", self.mode["warmup"]
+        out = {}
         for processes in (1, 2):
-            config = "single" if processes == 1 else "ddp"
             rates, ratios = {"toolkit": []}, {}
             for _ in range(self.mode["rounds"]):
                 for peer in ("reference", "trainer"):
-                    seconds = self.alternated(processes, {
-                        "toolkit": (config, self.toolkit_program(toolkit_out, processes)),
-                        peer: (config, self.peer_program(peer, processes))})
-                    ours = [t / s for t, s in zip(self.toolkit_tokens(toolkit_out)[warm:], seconds["toolkit"])]
-                    theirs = [self.peer_tokens(peer, processes) / s for s in seconds[peer]]
+                    ours, theirs = self.toolkit_against(peer, processes)
                     rates["toolkit"] += ours
                     rates.setdefault(peer, []).extend(theirs)
                     ratios.setdefault(peer, []).extend(a / b for a, b in zip(ours, theirs))
-            runtime = yaml.safe_load((toolkit_out / "config.yaml").read_text())["runtime"]
+            runtime = yaml.safe_load((self.work / "toolkit" / "config.yaml").read_text())["runtime"]
             out[processes] = {
                 "tokens_per_s": {k: statistics.median(v) for k, v in rates.items()},
                 "vs_reference": statistics.median(ratios["reference"]),

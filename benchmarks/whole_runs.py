@@ -81,10 +81,7 @@ def main() -> None:
     whole = [trainer / toolkit for toolkit, trainer in zip(per_step["toolkit"], per_step["trainer"])]
 
     bench.mode = dict(bench.mode, steps=10)
-    seconds = bench.alternated(1, {"toolkit": ("single", bench.toolkit_program(work / "toolkit", 1)),
-                                   "trainer": ("single", bench.peer_program("trainer", 1))})
-    ours = [t / s for t, s in zip(bench.toolkit_tokens(work / "toolkit")[bench.mode["warmup"]:], seconds["toolkit"])]
-    theirs = [bench.peer_tokens("trainer", 1) / s for s in seconds["trainer"]]
+    ours, theirs = bench.toolkit_against("trainer", 1)
     assert set(bench.toolkit_tokens(work / "toolkit")) == {tokens}, "the two programs' steps differ in tokens"
     in_turns = [a / b for a, b in zip(ours, theirs)]
 
