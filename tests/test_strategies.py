@@ -401,3 +401,15 @@ def test_zero3_working_set_auto_is_two_decoder_layers(tmp_path, monkeypatch):
     strategy.zero.fill_config(plugin, cfg, num_processes=2)
     layer = 4 * 1024**2 + 2 * 1024 * 4096  # q, k, v, out_proj + fc1, fc2 of opt-350m
     assert zero["stage3_max_live_parameters"] == 2 * layer and zero["stage3_max_reuse_distance"] == 5
+
+
+@pytest.mark.parametrize("model, elements", [("random-opt-350m", 10**8), ("random-opt-2.7b", 50272 * 2560)])
+def test_nvme_parameter_buffers_hold_the_largest_parameter(tmp_path, monkeypatch, model, elements):
+    """zero3_nvme.json's "buffer_size": "auto": DeepSpeed's 1e8 elements, or the model's largest
+    parameter where that is bigger (opt-2.7b's embeddings), which zero.Init refuses to swap otherwise."""
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
+    ds = json.loads((ROOT / "ds_configs" / "zero3_nvme.json").read_text())
+    cfg = RunConfig()
+    cfg.model.name_or_path, cfg.output_dir = model, str(tmp_path)
+    strategy.zero.fill_config(SimpleNamespace(deepspeed_config=ds), cfg, num_processes=2)
+    assert ds["zero_optimization"]["offload_param"]["buffer_size"] == elements

@@ -130,13 +130,16 @@ def model_config(cfg: ModelConfig, tokenizer) -> OPTConfig:
     return config
 
 
+def shape(cfg: ModelConfig) -> dict:
+    """The model's config fields (hidden_size, ffn_dim, vocab_size, ...), read from the preset or
+    the model's config.json, before anything is built."""
+    return dict(PRESETS[cfg.name_or_path]) if is_preset(cfg.name_or_path) else hub_config(cfg).to_dict()
+
+
 def layer_numel(cfg: ModelConfig) -> int:
-    """Parameters of one decoder layer (attention 4h² + feed-forward 2·h·ffn, biases aside), read
-    from the preset or the model's config.json, before anything is built."""
-    if is_preset(cfg.name_or_path):
-        return _layer_numel(PRESETS[cfg.name_or_path]["hidden_size"], PRESETS[cfg.name_or_path]["ffn_dim"])
-    config = hub_config(cfg)
-    return _layer_numel(config.hidden_size, config.ffn_dim)
+    """Parameters of one decoder layer (attention 4h² + feed-forward 2·h·ffn, biases aside)."""
+    c = shape(cfg)
+    return _layer_numel(c["hidden_size"], c["ffn_dim"])
 
 
 def build_model(cfg: ModelConfig, tokenizer) -> OPTForCausalLM:

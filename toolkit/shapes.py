@@ -51,3 +51,10 @@ def opt_config(size: str) -> dict:
 def layer_numel(hidden_size: int, ffn_dim: int) -> int:
     """Parameters of one decoder layer: attention 4h² + feed-forward 2·h·ffn, biases aside."""
     return 4 * hidden_size * hidden_size + 2 * hidden_size * ffn_dim
+
+
+def largest_parameter_numel(c: dict) -> int:
+    """Elements of an OPT model's largest single parameter: the token embeddings, the learned
+    positions (OPT offsets them by 2) or a feed-forward matrix."""
+    return max(c["vocab_size"] * c.get("word_embed_proj_dim", c["hidden_size"]),
+               (c["max_position_embeddings"] + 2) * c["hidden_size"], c["ffn_dim"] * c["hidden_size"])

@@ -52,11 +52,17 @@ def fill_config(plugin, cfg: RunConfig, num_processes: int) -> None:
         # ZeRO-3 keeps gathered parameters for later use and prefetch up to these counts (DeepSpeed's
         # default 1e9 is the whole of a model below 1B: a rank would hold its shard plus nearly
         # the whole model). "auto": two decoder layers, the one at work and the next one fetched.
-        from ..model import layer_numel
+        from ..model import layer_numel, shape
+        from ..shapes import largest_parameter_numel
 
         for key in ("stage3_max_live_parameters", "stage3_max_reuse_distance"):
             if zero.get(key) == "auto":
                 zero[key] = 2 * layer_numel(cfg.model)
+        param = zero.get("offload_param") or {}
+        if param.get("device") == "nvme" and param.get("buffer_size", "auto") == "auto":
+            # Each pinned swap buffer holds a whole parameter: DeepSpeed's fixed 1e8 elements fail in
+            # zero.Init ("More elements ... than buffer size") from opt-2.7b's embeddings (128.7M) up.
+            param["buffer_size"] = max(10**8, largest_parameter_numel(shape(cfg.model)))
     for offload in ("offload_param", "offload_optimizer"):
         section = zero.get(offload) or {}
         if section.get("device") == "nvme" and section.get("nvme_path") in (None, "auto", "none"):
