@@ -63,12 +63,15 @@ def test_every_use_command_runs_as_written(tmp_path):
         argv = as_run_here(command, tmp_path)
         proc = subprocess.run(argv, cwd=ROOT, env=environment(), capture_output=True, text=True, timeout=900)
         assert proc.returncode == 0, f"{command}\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
-        outputs[next(word for word in argv if word.startswith("toolkit."))] = proc.stdout
+        tool = next(word for word in argv if word.startswith("toolkit."))
+        outputs[tool] = outputs.get(tool, "") + proc.stdout
     assert (tmp_path / "runs/x/final/model.safetensors").is_file()
     assert (tmp_path / "runs/x/step200-hf/model.safetensors").is_file()
     assert (tmp_path / "data/sft-tasks.jsonl").is_file() and (tmp_path / "runs/x/eval.json").is_file()
     assert outputs["toolkit.doctor"].rstrip().endswith("all checks passed")
-    assert outputs["toolkit.plan"].splitlines()[-1].startswith("recommended: ")  # the example finds a fit
+    plans = outputs["toolkit.plan"].splitlines()  # the examples find a fit and say how to launch it
+    assert [line for line in plans if line.startswith("recommended: ")] == ["recommended: ddp", "recommended: zero3"]
+    assert plans[-1].startswith("  accelerate launch --config_file accelerate_configs/zero3.yaml")
 
 
 def test_the_cluster_commands_name_files_that_exist():
