@@ -17,15 +17,17 @@ G processes a strategy shards across:
       in the compute dtype). DDP's gradients are its all-reduce buckets, allocated at start.
   FSDP: the same sharded /G; without reshard after forward plus the whole model in compute dtype.
   DeepSpeed casts the model to w = 2 bytes in bf16/fp16 (4 in fp32) and keeps per trained
-      parameter an fp32 gradient partition (4/G), an fp32 master (4/G; in fp32 ZeRO-3 the toolkit
-      updates the parameters themselves) and S/G; 16-bit gradients whole under ZeRO-1, /G under
-      ZeRO-2, none under ZeRO-3 (reduce-scattered into the fp32 partition); weights /G in ZeRO-3.
+      parameter a gradient partition, an fp32 master (4/G; in fp32 ZeRO-3 the toolkit updates the
+      parameters themselves) and S/G. ZeRO-3's gradient partition is in the model's dtype (w/G;
+      4/G with data_types.grad_accum_dtype fp32); ZeRO-1/2 keep 16-bit gradients, whole under
+      ZeRO-1, /G under ZeRO-2, and an fp32 partition of them (4/G). Weights /G under ZeRO-3.
   Optimizer offload moves gradient partition, master and state to the host (CPU Adam creates its
   state in `prepare`; other optimizers at the first step), parameter offload the weights; with
-  NVMe they go to disk and the host keeps DeepSpeed's pinned buffers: the parameter swap buffers
+  NVMe they go to disk (with the optimizer's fp32 gradients, 4/G; a checkpoint copies the optimizer's
+  files, 12 bytes per trained parameter, to output_dir) and the host keeps DeepSpeed's pinned buffers: the parameter swap buffers
   (buffer_count x buffer_size, "auto" sized to the largest parameter), the flat parameter buffer
   (up to max_in_cpu elements), the optimizer's swap buffers (buffer_count x its largest sub-group)
-  and the fp32 gradient partition.
+  and the gradient partition.
   ZeRO-3 and FSDP gather a working set: two decoder layers or the embeddings, weights and gradients.
 Host per process: the process itself (PROCESS_BYTES: Python with torch, transformers, accelerate
 and DeepSpeed loaded, measured on CPU; a CUDA context adds more, inside the headroom) and, while a
@@ -132,6 +134,7 @@ class Strategy:
     offload_optimizer: str = "none"  # none | cpu | nvme
     offload_param: str = "none"
     zero: dict | None = None  # the DeepSpeed JSON's zero_optimization section (NVMe buffer sizes)
+    fp32_grad_accum: bool = False  # the JSON's data_types.grad_accum_dtype (DeepSpeed's default: the model's)
     hybrid: bool = False  # FSDP2 hybrid shard (HSDP): sharded within a node, replicated across nodes
     mixed_precision: str = "no"  # the config's own; --mixed-precision at launch overrides it
     sharded_at_birth: bool = False  # zero3_init_flag / fsdp_cpu_ram_efficient_loading
@@ -173,10 +176,12 @@ def read_strategy(path: Path) -> Strategy | None:
         file = file if file.is_absolute() else ROOT / file  # relative to the repository, where launches run
         if not file.is_file():
             raise UserError(f"{path} points to {file}, which does not exist: fix deepspeed_config_file")
-        zero = json.loads(file.read_text()).get("zero_optimization", {})
+        written = json.loads(file.read_text())
+        zero = written.get("zero_optimization", {})
         device = lambda key: (zero.get(key) or {}).get("device") or "none"  # noqa: E731
+        fp32_grads = str((written.get("data_types") or {}).get("grad_accum_dtype")).lower() in ("fp32", "float32")
         return Strategy(path.stem, "deepspeed", int(zero.get("stage", 0)), device("offload_optimizer"),
-                        device("offload_param"), zero, mixed_precision=precision, sharded_at_birth=init)
+                        device("offload_param"), zero, fp32_grads, mixed_precision=precision, sharded_at_birth=init)
     return Strategy(path.stem, "deepspeed", int(ds.get("zero_stage", 0)), ds.get("offload_optimizer_device", "none"),
                     ds.get("offload_param_device", "none"), {}, mixed_precision=precision, sharded_at_birth=init)
 
@@ -237,7 +242,10 @@ def estimate(s: Strategy, job: Job, counts: tuple[int, int, int], largest: int) 
         if s.stage < 3 and s.offload_optimizer == "none":  # 16-bit gradients (offload copies them out as reduced)
             place("none", w * t / (shards if s.stage == 2 else 1), at_start=False)
         moved = s.offload_optimizer
-        place("cpu" if moved == "nvme" else moved, 4 * t / parts)  # fp32 gradient partition, pinned when offloaded
+        # the gradient partition, pinned on the host when offloaded: ZeRO-3 accumulates in the model's
+        # dtype unless told fp32; ZeRO-1/2 step their fp32 masters with an fp32 copy of it
+        grad = 4 if s.stage < 3 or s.fp32_grad_accum else w
+        place("cpu" if moved == "nvme" else moved, grad * t / parts)
         place(moved, master * t / parts)
         place(moved, opt * t / parts, at_start=moved == "cpu")  # CPU Adam makes its state in prepare
         gather = 2 * w * unit if s.stage == 3 else 0
@@ -247,7 +255,8 @@ def estimate(s: Strategy, job: Job, counts: tuple[int, int, int], largest: int) 
             size = max(DS_DEFAULTS["param_buffer_size"], largest) if size == "auto" else int(size)
             place("cpu", w * param.get("buffer_count", DS_DEFAULTS["param_buffer_count"]) * size)
             place("cpu", w * min(param.get("max_in_cpu", DS_DEFAULTS["max_in_cpu"]), n / shards))
-        if moved == "nvme":
+        if moved == "nvme":  # the optimizer swaps fp32 gradients out with its sub-groups
+            place("nvme", 4 * t / parts)
             sub_group = min(int(zero.get("sub_group_size", DS_DEFAULTS["sub_group_size"])), t / parts)
             count = (zero.get("offload_optimizer") or {}).get("buffer_count", DS_DEFAULTS["optimizer_buffer_count"])
             place("cpu", 4 * count * max(sub_group, largest / parts))
