@@ -27,23 +27,41 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 SHAPES = ["random-opt-125m", "random-opt-350m", "random-opt-1.3b", "random-opt-2.7b", "random-opt-6.7b"]
-# name: (accelerate config, run overrides, model-state bytes per parameter held in memory by each
-# of N ranks, as a function of N). Offload to "CPU" is no saving on a machine whose device is the CPU.
-CANDIDATES = {
-    "ddp": ("ddp", [], lambda n: 16),
-    "fsdp": ("fsdp", [], lambda n: 16 / n),
-    "zero3": ("zero3", [], lambda n: 16 / n),
-    "zero3 + adamw_8bit": ("zero3", ["optim.name=adamw_8bit"], lambda n: (4 + 4 + 2) / n),
-    "zero3_offload": ("zero3_offload", [], lambda n: 16 / n),
-    "zero3_nvme": ("zero3_nvme", [], lambda n: 4 / n),  # gradients in memory; weights and Adam on disk
-}
 PROCESSES = 2
+
+
+class Candidate(NamedTuple):
+    config: str  # accelerate config
+    overrides: list
+    bytes_per_param: float  # model states held in memory by each rank (the ZeRO formula)
+    mixed_precision: str = "no"
+    processes: int = PROCESSES
+
+
+# Offload to "CPU" is no saving on a machine whose device is the CPU.
+CANDIDATES = {
+    "ddp": Candidate("ddp", [], 16),
+    "fsdp": Candidate("fsdp", [], 16 / 2),
+    "zero3": Candidate("zero3", [], 16 / 2),
+    "zero3 + adamw_8bit": Candidate("zero3", ["optim.name=adamw_8bit"], (4 + 4 + 2) / 2),
+    "zero3_offload": Candidate("zero3_offload", [], 16 / 2),
+    "fsdp_shard_grad_op": Candidate("fsdp_shard_grad_op", [], 16 / 2),
+    "fsdp_offload": Candidate("fsdp_offload", [], 16 / 2),
+    "zero1": Candidate("zero1", [], 4 + 4 + 8 / 2),  # weights and gradients whole, Adam sharded
+    "zero2": Candidate("zero2", [], 4 + 12 / 2),
+    "zero2_offload": Candidate("zero2_offload", [], 4 + 12 / 2),
+    "zero3_nvme": Candidate("zero3_nvme", [], 4 / 2),  # fp32 gradients in memory; weights and Adam on disk
+    # Two ranks of random-opt-2.7b hold 2 x 5.3 GB of fp32 gradient partitions besides DeepSpeed's
+    # pinned buffers: one bf16 process is what fits this 24 GiB machine.
+    "zero3_nvme, bf16, 1 process": Candidate("zero3_nvme", [], 4, "bf16", 1),
+}
 
 
 def prepare(work: Path) -> tuple[Path, Path]:
@@ -61,18 +79,18 @@ def prepare(work: Path) -> tuple[Path, Path]:
 
 def run_candidate(name: str, shape: str, work: Path, text: Path, tokenizer: Path, limit_gb: float,
                   timeout_s: float) -> dict:
-    config, overrides, _ = CANDIDATES[name]
-    out = work / f"{name.replace(' + ', '-')}-{shape}"
+    candidate = CANDIDATES[name]
+    out = work / f"{name.replace(' + ', '-').replace(', ', '-').replace(' ', '-')}-{shape}"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     shutil.copytree(tokenizer, out / "tokenizer")
     args = [f"model.name_or_path={shape}", f"data.train={text}", "data.block_size=128", "data.eval_fraction=0.01",
             "train.micro_batch_size=1", "train.max_steps=2", "train.seed=1", "optim.scheduler=constant",
             "optim.warmup_steps=0", "eval.every=0", "eval.max_batches=1", "eval.micro_batch_size=1",
-            "checkpoint.every=0", "train.report_to=none", f"output_dir={out}", *overrides]
+            "checkpoint.every=0", "train.report_to=none", f"output_dir={out}", *candidate.overrides]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           str(ROOT / "accelerate_configs" / f"{config}.yaml"), "--num_processes", str(PROCESSES),
-           "--mixed_precision", "no", "-m", "toolkit.train", *args]
+           str(ROOT / "accelerate_configs" / f"{candidate.config}.yaml"), "--num_processes", str(candidate.processes),
+           "--mixed_precision", candidate.mixed_precision, "-m", "toolkit.train", *args]
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
                PYTHONPATH=str(ROOT))
     started = time.time()
@@ -97,13 +115,21 @@ def run_candidate(name: str, shape: str, work: Path, text: Path, tokenizer: Path
     summary = json.loads((out / "summary.json").read_text())
     start = runtime["memory_at_start_gb"]
     params = runtime["params_numel"]
+    if (out / "nvme_offload").is_dir():
+        result["nvme_gb"] = round(disk_bytes(out / "nvme_offload") / 1e9, 2)
     shutil.rmtree(out, ignore_errors=True)  # checkpoints and swap files of big models fill the disk
-    return {**result, "trains": True, "params": params,
+    return {**result, "trains": True, "params": params, "processes": candidate.processes,
+            "mixed_precision": candidate.mixed_precision,
             "start_peak_gb": [max(a, b) for a, b in zip(start["model_built"], start["prepared"])],
             "before_model_gb": start["before_model"], "model_built_gb": start["model_built"],
             "training_peak_gb": summary["peak_mem_gb_per_rank"],
             "export_peak_gb": summary.get("export_peak_mem_gb_per_rank"),
-            "formula_gb": round(params * CANDIDATES[name][2](PROCESSES) / 2**30, 2)}
+            "formula_gb": round(params * candidate.bytes_per_param / 2**30, 2)}
+
+
+def disk_bytes(folder: Path) -> int:
+    """Bytes a folder holds on disk (DeepSpeed's swap files are written whole, not sparse)."""
+    return sum(f.stat().st_blocks * 512 for f in folder.rglob("*") if f.is_file())
 
 
 class Watchdog:
@@ -148,17 +174,18 @@ def capacity(names: list[str], shapes: list[str], work: Path, limit_gb: float, t
 
 def table(rows: list[dict]) -> str:
     lines = ["| strategy | shape | trains | params | formula GB/rank | peak at start GB (rank 0, 1) | "
-             "peak in training GB (rank 0, 1) | peak in export GB (rank 0, 1) | seconds |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "peak in training GB (rank 0, 1) | peak in export GB (rank 0, 1) | NVMe swap GB | seconds |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["trains"]:
             trains = f"yes; export {r['export']}" if "export" in r else "yes"
             export = ", ".join(f"{v:.2f}" for v in r["export_peak_gb"]) if r.get("export_peak_gb") else "not measured"
             lines.append(f"| {r['strategy']} | {r['shape']} | {trains} | {r['params'] / 1e6:,.0f}M | {r['formula_gb']} | "
                          f"{', '.join(f'{v:.2f}' for v in r['start_peak_gb'])} | "
-                         f"{', '.join(f'{v:.2f}' for v in r['training_peak_gb'])} | {export} | {r['seconds']} |")
+                         f"{', '.join(f'{v:.2f}' for v in r['training_peak_gb'])} | {export} | "
+                         f"{r.get('nvme_gb', '')} | {r['seconds']} |")
         else:
-            lines.append(f"| {r['strategy']} | {r['shape']} | **no**: {r['why']} | | | | | | {r['seconds']} |")
+            lines.append(f"| {r['strategy']} | {r['shape']} | **no**: {r['why']} | | | | | | | {r['seconds']} |")
     return "\n".join(lines)
 
 

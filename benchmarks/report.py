@@ -64,13 +64,27 @@ def write_capacity_section(r: dict, table: str, results_md: Path) -> None:
              ", then ".join(f"`{c}`" for c in r.get("commands", [r["command"]]))
              + f" (the last {r['seconds'] // 60} min), on {r['machine']}; each candidate killed above "
              f"{r['memory_limit_gb']} GB resident (all its processes together). 2 processes, micro batch 1 x 128, "
-             "2 optimizer steps, fp32. Peaks are each rank's resident memory (VmHWM): at start = while the model "
+             "2 optimizer steps, fp32, unless the strategy's name says otherwise. Peaks are each rank's resident memory (VmHWM): at start = while the model "
              "is built and `prepare`d, in training = from the first step on, in export = while `final/` is written "
              "(a rank's training memory is still held then). The formula is the model states a "
              "rank holds by the ZeRO accounting (16 bytes per parameter, split as the strategy splits them); the "
              "rest is the process itself (about 0.5 GB of libraries), activations, gathered layers and buffers.", "",
-             f"Largest that trains: {largest}.", "", *against_ddp(r["rows"]), table, end]
+             f"Largest that trains: {largest}.", "", *against_ddp(r["rows"]), *export_over_training(r["rows"]), table,
+             end]
     replace_section(results_md, begin, end, "\n".join(lines))
+
+
+def export_over_training(rows: list[dict]) -> list[str]:
+    """How far writing final/ goes above training, per rank: the streaming export's bound is one
+    safetensors shard (checkpoint.max_shard_size, 2 GB by default)."""
+    over = [(e - t, r["strategy"], r["shape"]) for r in rows if r["trains"] and r.get("export_peak_gb")
+            for e, t in zip(r["export_peak_gb"], r["training_peak_gb"])]
+    if not over:
+        return []
+    gb, strategy, shape = max(over)
+    bound = "within one 2 GB shard (checkpoint.max_shard_size) for every row" if gb <= 2 else \
+        "**more than one 2 GB shard** (checkpoint.max_shard_size)"
+    return [f"Export against training, per rank: at most {gb:+.2f} GB ({strategy}, {shape}), {bound}.", ""]
 
 
 def write_scaling_section(r: dict, results_md: Path) -> None:

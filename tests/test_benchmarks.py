@@ -40,7 +40,8 @@ def test_the_capacity_section_lists_each_candidate_and_is_replaced_not_appended(
     text = results_md.read_text()
     assert text.count("capacity:begin") == text.count("capacity:end") == 1 and "Speed tables stay." in text
     assert "Largest that trains: zero3 125m." in text
-    assert "| zero3 | random-opt-125m | yes | 125M | 0.93 | 1.51, 1.52 | 1.96, 1.97 | 2.10, 1.97 | 70 |" in text
+    assert "| zero3 | random-opt-125m | yes | 125M | 0.93 | 1.51, 1.52 | 1.96, 1.97 | 2.10, 1.97 |  | 70 |" in text
+    assert "Export against training, per rank: at most +0.14 GB (zero3, random-opt-125m), within one 2 GB shard" in text
     assert "| zero3 | random-opt-350m | **no**: out of memory" in text
 
 
