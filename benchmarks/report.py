@@ -43,8 +43,8 @@ def write_speed_section(r: dict, results_md: Path) -> None:
         lines += ["", "What each strategy costs: tokens/s of every accelerate config against DDP on as many processes "
                   "(2, or the 4 that hsdp's 2 x 2 mesh needs, then sharing 2 cores four ways), the two taking turns "
                   "step by step; vs ddp is the median over the pairs of adjacent steps"
-                  + (f" (`{d['strategies_command']}`, {d['strategies_minutes']} min)" if "strategies_command" in d else "")
-                  + ":", "",
+                  + " (" + ", then ".join(f"`{r['command']}`, {r['minutes']} min" for r in d.get("strategies_runs", []))
+                  + "):", "",
                   "| config | processes | tokens/s | ddp tokens/s in the same turns | vs ddp | MB/rank/step |",
                   "|---|---|---|---|---|---|"]
         lines += [f"| {c} | {s['processes']} | {s['tokens_per_s']:.1f} | {s['ddp_tokens_per_s']:.1f} | "

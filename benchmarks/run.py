@@ -384,10 +384,12 @@ def main(argv=None) -> None:
         print(json.dumps(rows, indent=2))
         if args.json:
             results = json.loads(args.json.read_text())
-            earlier = results["detail"].get("strategies", {})  # rows taken in turns; older ones were not
-            results["detail"]["strategies"] = {**{c: r for c, r in earlier.items() if "ddp_tokens_per_s" in r}, **rows}
-            results["detail"]["strategies_command"] = command
-            results["detail"]["strategies_minutes"] = round(time.time() - started) // 60
+            detail = results["detail"]
+            earlier = {c: r for c, r in detail.get("strategies", {}).items() if "ddp_tokens_per_s" in r}  # in turns
+            runs = detail.get("strategies_runs", []) if set(earlier) - set(rows) else []  # the runs whose rows stay
+            detail["strategies"] = {**earlier, **rows}
+            detail["strategies_runs"] = [*runs, {"command": command, "minutes": round(time.time() - started) // 60,
+                                                 "configs": sorted(rows)}]
             args.json.write_text(json.dumps(results, indent=2, default=str) + "\n")
             if args.results:
                 from report import write_speed_section
