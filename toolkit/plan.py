@@ -1,8 +1,8 @@
 """Which accelerate config fits a model: memory per GPU, per process on the host, per node, offline.
 
     python -m toolkit.plan --model facebook/opt-13b --num-gpus 8 --gpu-memory 40 --cpu-memory 512
-    python -m toolkit.plan --config examples/run.yaml --accelerate-config accelerate_configs/zero3.yaml \\
-        --num-gpus 8 --gpu-memory 40 --cpu-memory 512
+    python -m toolkit.plan --config examples/opt1.3b_lora_alpaca.yaml \\
+        --accelerate-config accelerate_configs/zero3.yaml --num-gpus 8 --gpu-memory 40 --cpu-memory 512
 
 reads every accelerate_configs/*.yaml (or the one given) and the DeepSpeed JSON it points to,
 estimates what one process holds on its GPU and on the host when the job starts and while it
@@ -22,12 +22,12 @@ G processes a strategy shards across:
       4/G with data_types.grad_accum_dtype fp32); ZeRO-1/2 keep 16-bit gradients, whole under
       ZeRO-1, /G under ZeRO-2, and an fp32 partition of them (4/G). Weights /G under ZeRO-3.
   Optimizer offload moves gradient partition, master and state to the host (CPU Adam creates its
-  state in `prepare`; other optimizers at the first step), parameter offload the weights; with
-  NVMe they go to disk (with the optimizer's fp32 gradients, 4/G; a checkpoint copies the optimizer's
-  files, 12 bytes per trained parameter, to output_dir) and the host keeps DeepSpeed's pinned buffers: the parameter swap buffers
-  (buffer_count x buffer_size, "auto" sized to the largest parameter), the flat parameter buffer
-  (up to max_in_cpu elements), the optimizer's swap buffers (buffer_count x its largest sub-group)
-  and the gradient partition.
+  state in `prepare`; other optimizers at the first step), parameter offload the weights. With NVMe
+  they go to disk, with the optimizer's fp32 gradients (4/G), and the host keeps the gradient
+  partition and DeepSpeed's pinned buffers: the parameter swap buffers (buffer_count x buffer_size,
+  "auto" sized to the largest parameter), the flat parameter buffer (up to max_in_cpu elements) and
+  the optimizer's swap buffers (buffer_count x its largest sub-group). A checkpoint copies the
+  optimizer's swap files (12 bytes per trained parameter) into output_dir.
   ZeRO-3 and FSDP gather a working set: two decoder layers or the embeddings, weights and gradients.
 Host per process: the process itself (PROCESS_BYTES: Python with torch, transformers, accelerate
 and DeepSpeed loaded, measured on CPU; a CUDA context adds more, inside the headroom) and, while a
