@@ -237,17 +237,24 @@ def _nvme_state_dict(saved: Path, parameter_order: list[str]) -> dict:
     from deepspeed.utils import zero_to_fp32
 
     model_states = zero_to_fp32.parse_model_states(zero_to_fp32.get_model_state_files(str(saved)))
-    world_size = len(zero_to_fp32.get_optim_files(str(saved)))
+    optim_files = zero_to_fp32.get_optim_files(str(saved))
+    world_size = len(optim_files)
+    # the optimizer files hold the sub-groups too small to swap (under 1 MiB per rank, in memory
+    # during training), e.g. a model's last few parameters; the swapped ones are empty there
+    in_files = zero_to_fp32.parse_optim_states(optim_files, str(saved))[2]
     ranks = sorted((saved / "offloaded_tensors").iterdir(), key=lambda folder: int(folder.name.removeprefix("rank")))
     if len(ranks) != world_size:
         raise UserError(f"{saved.parent} has swap files of {len(ranks)} ranks for {world_size} optimizer files: "
                         "the checkpoint is incomplete; pick another one")
     zero_id = {name: i for i, name in enumerate(parameter_order)}
     flat_groups = [[] for _ in ranks]
-    for sub_group in model_states[0].param_shapes:  # the optimizer's sub-groups, in the optimizer files' order
+    for index, sub_group in enumerate(model_states[0].param_shapes):  # the sub-groups, in the files' order
         names = list(sub_group)
         numel = sum(math.ceil(shape.numel() / world_size) for shape in sub_group.values())
         for rank, folder in enumerate(ranks):
+            if in_files[rank][index].numel() >= numel:
+                flat_groups[rank].append(in_files[rank][index][:numel])
+                continue
             path = folder / f"{zero_id[names[0]]}_{zero_id[names[-1]]}.tensor.swp"
             if not path.is_file() or path.stat().st_size < numel * 4:
                 raise UserError(f"{path} is missing or short: {saved.parent} is not a complete NVMe checkpoint of "

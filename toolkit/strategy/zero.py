@@ -153,12 +153,21 @@ def restore_swapped_optimizer_state(engine, saved: Path, rank: int) -> None:
         if not zero3._swappable_optimizer_subgroup(sub_group):
             fp32.data.copy_(checkpoint["fp32_flat_groups"][sub_group])
             state.update(states[index])
+            # and the model's weights from it, as the optimizer does after a step: they still held
+            # the new run's initial values (the resume test, with a sub-group of each kind)
+            zero3._reassign_or_swap_out_partitioned_parameters(sub_group)
             continue
         numel = zero3.fp16_partitioned_groups_flat_numel[sub_group]
         for key, value in states[index].items():
             # a moment is a stand-in of the partition's size that holds no memory: the swap-in gives it its buffer
             state[key] = torch.empty(1, dtype=fp32.dtype).expand(numel) if torch.is_tensor(value) else value
         zero3.optimizer_swapper._get_param_swap_info(fp32)  # registers them: exp_avg-<id>.tensor.swp, the copied files
+    # Small parameters are kept whole on every rank ("persistent"): DeepSpeed gathered them at the end
+    # of its load, from partitions the lines above have changed since; they are gathered again.
+    persistent = zero3.persistent_parameters
+    if persistent:
+        persistent[0].partition(persistent)
+        persistent[0].all_gather(persistent)
 
 
 def json_scheduler(plugin) -> bool:
