@@ -58,9 +58,9 @@ CANDIDATES = {
     "zero2": Candidate("zero2", [], 4 + 12 / 2),
     "zero2_offload": Candidate("zero2_offload", [], 4 + 12 / 2),
     "zero3_nvme": Candidate("zero3_nvme", [], 4 / 2),  # fp32 gradients in memory; weights and Adam on disk
-    # Two ranks of random-opt-2.7b hold 2 x 5.3 GB of fp32 gradient partitions besides DeepSpeed's
-    # pinned buffers: one bf16 process is what fits this 24 GiB machine.
-    "zero3_nvme, bf16, 1 process": Candidate("zero3_nvme", [], 4, "bf16", 1),
+    # random-opt-2.7b: one bf16 process, whose gradient partition is bf16 (DeepSpeed accumulates in
+    # the model's dtype) and pinned in memory; weights, masters, moments and fp32 gradients on disk.
+    "zero3_nvme, bf16, 1 process": Candidate("zero3_nvme", [], 2, "bf16", 1),
 }
 
 
