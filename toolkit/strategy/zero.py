@@ -191,8 +191,8 @@ def verify(accelerator, model, requested, fail, local: int, full: int) -> dict:
     if stage == 3 and requested.world_size > 1 and local >= full:
         fail(f"ZeRO-3 left the parameters unsharded ({local} of {full} elements on this rank)")
     if _offload_device(model.zero_offload_optimizer()) == "nvme" and local * 4 < MIN_AIO_BYTES:
-        # DeepSpeed keeps optimizer partitions under 1 MiB in memory and then cannot restore
-        # them from a checkpoint: NVMe offload would be neither real nor resumable.
+        # DeepSpeed keeps optimizer sub-groups under 1 MiB per rank in memory: nothing would be
+        # swapped, and "NVMe offload" would quietly be CPU offload.
         raise UserError(f"NVMe optimizer offload needs at least {MIN_AIO_BYTES} bytes of fp32 state per rank; "
                         f"this model has {local * 4}: use accelerate_configs/zero3_offload.yaml for a model this small")
     info = {}
