@@ -360,6 +360,10 @@ def test_bad_models_are_user_errors(tmp_path, capsys):
         plan.main(["--model", "125m"])
     with pytest.raises(UserError, match="no model: pass --model"):
         plan.main(["--gpu-memory", "8"])
+    with pytest.raises(UserError, match="--accelerate-config nowhere.yaml does not exist"):
+        plan.main(["--model", "125m", "--gpu-memory", "8", "--accelerate-config", "nowhere.yaml"])
+    with pytest.raises(UserError, match="config file nowhere.yaml does not exist"):
+        plan.main(["--config", "nowhere.yaml", "--gpu-memory", "8"])
     with pytest.raises(SystemExit) as stop:  # as the CLI reports it: one line, exit status 2
         run_cli(lambda: plan.main(["--model", "13b", "--gpu-memory", "0"]))
     assert stop.value.code == 2 and capsys.readouterr().err == "error: --gpu-memory must be > 0, got 0.0: pass a positive value\n"

@@ -366,6 +366,9 @@ def make_job(args) -> tuple[Job, list[str]]:
     config overrides the launch command needs for what the flags changed."""
     from . import config as run_config
 
+    if args.accelerate_config and not Path(args.accelerate_config).is_file():
+        raise UserError(f"--accelerate-config {args.accelerate_config} does not exist: pass one of "
+                        "accelerate_configs/*.yaml or your own")
     cfg = run_config.load(args.config) if args.config else run_config.RunConfig()
     given = {  # flag: (its value, the run config key, the run config's value)
         "model": (args.model, "model.name_or_path", cfg.model.name_or_path if args.config else None),
