@@ -77,6 +77,26 @@ def prepare(work: Path) -> tuple[Path, Path]:
     return text, tokenizer
 
 
+def run_args(shape: str, text: Path, out: Path, extra: list[str]) -> list[str]:
+    """The run every candidate makes: 2 optimizer steps of micro batch 1 x 128 tokens, the
+    held-out loss at the end on one batch."""
+    return [f"model.name_or_path={shape}", f"data.train={text}", "data.block_size=128", "data.eval_fraction=0.01",
+            "train.micro_batch_size=1", "train.max_steps=2", "train.seed=1", "optim.scheduler=constant",
+            "optim.warmup_steps=0", "eval.every=0", "eval.max_batches=1", "eval.micro_batch_size=1",
+            "train.report_to=none", f"output_dir={out}", *extra]
+
+
+def launch_command(config: str, processes: int, mixed_precision: str, args: list[str]) -> list[str]:
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+            str(ROOT / "accelerate_configs" / f"{config}.yaml"), "--num_processes", str(processes),
+            "--mixed_precision", mixed_precision, "-m", "toolkit.train", *args]
+
+
+def launch_env() -> dict:
+    return dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+                PYTHONPATH=str(ROOT))
+
+
 def run_candidate(name: str, shape: str, work: Path, text: Path, tokenizer: Path, limit_gb: float,
                   timeout_s: float) -> dict:
     candidate = CANDIDATES[name]
@@ -84,18 +104,12 @@ def run_candidate(name: str, shape: str, work: Path, text: Path, tokenizer: Path
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     shutil.copytree(tokenizer, out / "tokenizer")
-    args = [f"model.name_or_path={shape}", f"data.train={text}", "data.block_size=128", "data.eval_fraction=0.01",
-            "train.micro_batch_size=1", "train.max_steps=2", "train.seed=1", "optim.scheduler=constant",
-            "optim.warmup_steps=0", "eval.every=0", "eval.max_batches=1", "eval.micro_batch_size=1",
-            "checkpoint.every=0", "train.report_to=none", f"output_dir={out}", *candidate.overrides]
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           str(ROOT / "accelerate_configs" / f"{candidate.config}.yaml"), "--num_processes", str(candidate.processes),
-           "--mixed_precision", candidate.mixed_precision, "-m", "toolkit.train", *args]
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-               PYTHONPATH=str(ROOT))
+    cmd = launch_command(candidate.config, candidate.processes, candidate.mixed_precision,
+                         run_args(shape, text, out, ["checkpoint.every=0", *candidate.overrides]))
     started = time.time()
     with (out / "launch.log").open("w") as log:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=launch_env(), stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
         watch = Watchdog(proc, limit_gb, timeout_s)
         returncode = proc.wait()
         watch.stop()

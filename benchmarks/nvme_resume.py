@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import shutil
 import signal
@@ -37,7 +36,7 @@ import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
-from capacity import Watchdog, disk_bytes, prepare  # noqa: E402
+from capacity import Watchdog, disk_bytes, launch_command, launch_env, prepare, run_args  # noqa: E402
 
 LOSS_RTOL = 1e-5  # tests/test_strategies.py: resume against an uninterrupted run, every config
 
@@ -46,23 +45,16 @@ def launch(args, out: Path, text: Path, tokenizer: Path, extra: list[str], watch
     """One `accelerate launch` of the run into `out`; `watch(proc, out)` is called every second."""
     if not (out / "tokenizer").exists():  # the run's tokenizer, trained once (capacity.prepare)
         shutil.copytree(tokenizer, out / "tokenizer")
-    run = [f"model.name_or_path={args.shape}", f"data.train={text}", "data.block_size=128", "data.eval_fraction=0.01", "train.micro_batch_size=1", "train.max_steps=2",
-           "train.seed=1", "train.stop_check_every=1", "optim.scheduler=constant", "optim.warmup_steps=0",
-           "eval.every=0", "eval.max_batches=1", "eval.micro_batch_size=1", "train.report_to=none",
-           "checkpoint.export_dtype=bf16", f"output_dir={out}", *extra]
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           str(ROOT / "accelerate_configs" / "zero3_nvme.yaml"), "--num_processes", str(args.processes),
-           "--mixed_precision", args.mixed_precision, "-m", "toolkit.train", *run]
+    cmd = launch_command("zero3_nvme", args.processes, args.mixed_precision, run_args(
+        args.shape, text, out, ["train.stop_check_every=1", "checkpoint.export_dtype=bf16", *extra]))
     return watched(cmd, out / "launch.log", args, lambda proc: watch and watch(proc, out))
 
 
 def watched(cmd: list[str], log_path: Path, args, every_second) -> dict:
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-               PYTHONPATH=str(ROOT))
     started = time.time()
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("a") as log:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=launch_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         dog = Watchdog(proc, args.memory_limit_gb, args.timeout_min * 60)
         while proc.poll() is None:
             every_second(proc)

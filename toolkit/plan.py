@@ -383,12 +383,12 @@ def make_job(args) -> tuple[Job, list[str]]:
     value = {k: flag if flag is not None else default for k, (flag, _, default) in given.items()}
     if value["model"] is None:
         raise UserError("no model: pass --model (an OPT size, a preset or a model directory) or --config RUN.yaml")
-    overrides = [f"{key}={_yaml(value[k])}" for k, (flag, key, default) in given.items()
+    overrides = [f"{key}={run_config._show(value[k])}" for k, (flag, key, default) in given.items()
                  if flag is not None and (flag != default or not args.config) and not k.startswith("lora")]
     if args.lora is not None and args.lora != given["lora"][2]:
         overrides += ["lora.enabled=true", f"lora.r={args.lora}"] if args.lora else ["lora.enabled=false"]
     if args.lora_targets is not None and value["lora"]:
-        overrides.append(f"lora.target_modules={_yaml(args.lora_targets)}")
+        overrides.append(f"lora.target_modules={run_config._show(args.lora_targets)}")
     model, preset = resolve_model(value["model"])
     if not preset and not Path(value["model"]).is_dir() and not value["model"].startswith("facebook/"):
         value["model"] = f"facebook/opt-{value['model'].lower().removeprefix('opt-')}"  # an OPT size names its hub id
@@ -405,14 +405,6 @@ def make_job(args) -> tuple[Job, list[str]]:
               lora_r=value["lora"], lora_targets=list(value["lora_targets"]), mixed_precision=args.mixed_precision,
               gpus=gpus, nodes=nodes, device=args.device)
     return job, overrides
-
-
-def _yaml(value) -> str:
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, (list, tuple)):
-        return "[" + ",".join(map(str, value)) + "]"
-    return str(value)
 
 
 def print_table(p: dict) -> None:
