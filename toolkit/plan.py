@@ -21,14 +21,19 @@ G processes a strategy shards across:
       parameters themselves) and S/G. ZeRO-3's gradient partition is in the model's dtype (w/G;
       4/G with data_types.grad_accum_dtype fp32); ZeRO-1/2 keep 16-bit gradients, whole under
       ZeRO-1, /G under ZeRO-2, and an fp32 partition of them (4/G). Weights /G under ZeRO-3.
-  Optimizer offload moves gradient partition, master and state to the host (CPU Adam creates its
-  state in `prepare`; other optimizers at the first step), parameter offload the weights. With NVMe
-  they go to disk, with the optimizer's fp32 gradients (4/G), and the host keeps the gradient
+  Optimizer offload moves gradient partition, master and state to the host (ZeRO-3's CPU Adam
+  creates its state in `prepare`; otherwise the first step makes it), parameter offload the weights;
+  ZeRO-1/2's offload also keeps a 16-bit copy of the stepped partition there (w/G). With NVMe the
+  states go to disk, with the optimizer's fp32 gradients (4/G), and the host keeps the gradient
   partition and DeepSpeed's pinned buffers: the parameter swap buffers (buffer_count x buffer_size,
   "auto" sized to the largest parameter), the flat parameter buffer (up to max_in_cpu elements) and
   the optimizer's swap buffers (buffer_count x its largest sub-group). A checkpoint copies the
   optimizer's swap files (12 bytes per trained parameter) into output_dir.
   ZeRO-3 and FSDP gather a working set: two decoder layers or the embeddings, weights and gradients.
+  ZeRO-1/2 copy gradients into an IPG bucket to reduce them (reduce_bucket_size elements, 5e8 unless
+  the JSON says; "auto" is accelerate's hidden_size^2), and at start hold the module's weights beside
+  the flat buffer DeepSpeed copies them into. On CPU, gloo all-gathers their weights after each step
+  through a whole-model buffer of its own (NCCL gathers in place).
 Host per process: the process itself (PROCESS_BYTES: Python with torch, transformers, accelerate
 and DeepSpeed loaded, measured on CPU; a CUDA context adds more, inside the headroom) and, while a
 pretrained model loads, its fp32 copy where nothing shards it at birth (single, ddp, ZeRO-1/2;
@@ -72,9 +77,9 @@ LOSS_CHUNK_BYTES = 256 * 2**20  # toolkit.loss.CHUNK_BYTES (not imported: it nee
 OPTIMIZER_STATE = {"adamw": 8, "deepspeed": 8, "adamw_8bit": 2, "paged_adamw_8bit": 2}
 LORA_SHAPES = {"q_proj": ("h", "h"), "k_proj": ("h", "h"), "v_proj": ("h", "h"), "out_proj": ("h", "h"),
                "fc1": ("h", "f"), "fc2": ("f", "h")}
-# DeepSpeed's defaults for what a JSON leaves out (deepspeed.runtime.zero.offload_config)
+# DeepSpeed's defaults for what a JSON leaves out (deepspeed.runtime.zero.offload_config, .config)
 DS_DEFAULTS = {"param_buffer_count": 5, "param_buffer_size": 10**8, "max_in_cpu": 10**9, "optimizer_buffer_count": 4,
-               "sub_group_size": 10**9}
+               "sub_group_size": 10**9, "reduce_bucket_size": 5 * 10**8}
 
 
 def resolve_model(name: str) -> tuple[dict, bool]:
@@ -224,13 +229,13 @@ def estimate(s: Strategy, job: Job, counts: tuple[int, int, int], largest: int) 
     opt = OPTIMIZER_STATE[job.optim]
     device, host, disk = {"start": 0.0, "training": 0.0}, {"start": 0.0, "training": 0.0}, 0.0
 
-    def place(where: str, nbytes: float, at_start: bool = True):
+    def place(where: str, nbytes: float, at_start: bool = True, in_training: bool = True):
         nonlocal disk
         if where == "nvme":
             disk += nbytes
             return
         memory = device if where == "none" else host
-        memory["training"] += nbytes
+        memory["training"] += nbytes if in_training else 0
         memory["start"] += nbytes if at_start else 0
 
     zero = s.zero or {}
@@ -247,8 +252,19 @@ def estimate(s: Strategy, job: Job, counts: tuple[int, int, int], largest: int) 
         grad = 4 if s.stage < 3 or s.fp32_grad_accum else w
         place("cpu" if moved == "nvme" else moved, grad * t / parts)
         place(moved, master * t / parts)
-        place(moved, opt * t / parts, at_start=moved == "cpu")  # CPU Adam makes its state in prepare
+        # ZeRO-3's CPU Adam makes its state in prepare; ZeRO-1/2 (and other optimizers) at the first step
+        place(moved, opt * t / parts, at_start=moved == "cpu" and s.stage == 3)
         gather = 2 * w * unit if s.stage == 3 else 0
+        if s.stage < 3:
+            place("none", w * n, in_training=False)  # the module's weights beside the flat buffer they are copied into
+            if moved == "cpu":
+                place("cpu", w * t / parts)  # the 16-bit copy of the stepped partition on its way to the device
+            bucket = zero.get("reduce_bucket_size", DS_DEFAULTS["reduce_bucket_size"])
+            bucket = job.model["hidden_size"] ** 2 if bucket == "auto" else int(float(bucket))  # accelerate's "auto"
+            gather += w * min(bucket, t)  # the IPG bucket the gradients are copied into to be reduced
+            # the weights are all-gathered into the flat buffer after each step: in place with NCCL,
+            # while gloo (CPU) collects the whole output in a buffer of its own first
+            gather += w * n if job.device == "cpu" else 0
         if s.offload_param == "nvme":
             param = zero.get("offload_param") or {}
             size = param.get("buffer_size", "auto")
