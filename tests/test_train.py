@@ -137,6 +137,39 @@ def test_a_16_bit_export_is_the_fp32_one_rounded_at_half_the_size(single_run, tm
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "bf16", dtype="auto").dtype == torch.bfloat16
 
 
+def test_the_offline_export_reads_a_parameter_at_a_time_into_a_model_without_weights(single_run, tmp_path,
+                                                                                    monkeypatch):
+    """toolkit.export never holds the checkpoint's model: the model it names the weights by is on the
+    meta device (building one with weights fails here), and with one tensor per shard at most the
+    tensor being written and the next are alive, of the 36 the model has."""
+    import weakref
+
+    from transformers import AutoModelForCausalLM
+
+    from toolkit import checkpoint, export, model as model_lib
+
+    def no_whole_model(*args, **kwargs):
+        raise AssertionError("the exporter built the model with its weights")
+
+    monkeypatch.setattr(model_lib, "initial_model", no_whole_model)
+    read, alive, most = checkpoint.trained_weights, [], []
+
+    def watched(step_dir, names):
+        for name, tensor in read(step_dir, names):
+            alive[:] = [ref for ref in alive if ref() is not None]
+            most.append(len(alive))
+            alive.append(weakref.ref(tensor))
+            yield name, tensor
+
+    monkeypatch.setattr(checkpoint, "trained_weights", watched)
+    step = single_run / "checkpoints" / "step-000012"
+    export.main(["--checkpoint", str(step), "--out", str(tmp_path / "out"), "--max-shard-size", "1KB"])
+    assert len(most) == 36 and max(most) <= 2, most
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "out").state_dict()
+    for key, value in load_file(single_run / "final" / "model.safetensors").items():
+        assert torch.equal(exported[key], value), key
+
+
 def test_the_fused_head_and_loss_train_like_transformers_loss(single_run, text_data, tmp_path):
     """The default loop (fused LM head + loss, fused AdamW) against transformers' head and loss."""
     launch("toolkit.train", tiny_run(text_data, tmp_path, **{"train.micro_batch_size": 4, "train.grad_accum_steps": 2,

@@ -184,9 +184,11 @@ def set_aside_newer(path: Path, output_dir: str | Path) -> list[Path]:
 # --- a checkpoint's model -----------------------------------------------------------------------
 
 
-def run_model(step_dir: Path):
-    """(untrained model, tokenizer, run config) as the run that wrote `step_dir` built them."""
-    from .model import apply_lora, build_tokenizer, initial_model
+def run_model(step_dir: Path, empty: bool = False):
+    """(untrained model, tokenizer, run config) as the run that wrote `step_dir` built them; with
+    `empty`, the same modules on the meta device (no weights: a skeleton to name and export the
+    checkpoint's weights by). A 4-bit base is always built: its packed weights need their state."""
+    from .model import apply_lora, build_tokenizer, initial_model, model_config
 
     if not (step_dir / STATE_FILE).is_file() or not (step_dir / "config.yaml").is_file():
         raise UserError(f"{step_dir} is not a complete toolkit checkpoint (no {STATE_FILE} or config.yaml)")
@@ -197,42 +199,83 @@ def run_model(step_dir: Path):
         tokenizer = AutoTokenizer.from_pretrained(step_dir / "tokenizer")
     else:  # an older checkpoint: presets kept their trained tokenizer in runs/x/tokenizer/, hub models load by id
         tokenizer = build_tokenizer(cfg.model, cache_dir=step_dir.parent.parent / "tokenizer")
+    if empty and cfg.lora.quantize == "none":
+        import torch
+        from transformers import OPTForCausalLM
+
+        with torch.device("meta"):
+            model = OPTForCausalLM(model_config(cfg.model, tokenizer))
+            model = apply_lora(model, cfg.lora) if cfg.lora.enabled else model
+        return model, tokenizer, cfg
     model = initial_model(cfg.model, tokenizer, cfg.train.seed)
     if cfg.lora.enabled:
         model = apply_lora(model, cfg.lora)
     return model, tokenizer, cfg
 
 
-def consolidated_state_dict(step_dir: Path, model) -> dict:
-    """The full fp32 state dict of the trained module, gathered on CPU from whatever shards it was
-    saved in (`model`: the run's untrained model, whose parameter order names NVMe swap files)."""
-    from safetensors.torch import load_file
-
+def trained_weights(step_dir: Path, names: list[str]):
+    """(name, whole fp32 tensor) of the trained module for each of `names` (the run's parameter
+    names: the order also names NVMe swap files), read from whatever shards `step_dir` holds one
+    parameter at a time, never as a whole state dict: each reader maps its files (DeepSpeed's
+    zero_to_fp32 maps the optimizer files; only ZeRO-1/2's fp32 partitions are joined in memory, by
+    zero_to_fp32) and the caller gets one parameter at a time."""
     kind = layout(step_dir)
     if kind == "deepspeed":
         if (step_dir / "pytorch_model" / "offloaded_tensors").is_dir():
-            return _nvme_state_dict(step_dir / "pytorch_model", [name for name, _ in model.named_parameters()])
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-        return get_fp32_state_dict_from_zero_checkpoint(str(step_dir), tag="pytorch_model")
-    if kind == "fsdp":
-        import tempfile
+            lazy = _nvme_state_dict(step_dir / "pytorch_model", names)
+        else:
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+            lazy = get_fp32_state_dict_from_zero_checkpoint(str(step_dir), tag="pytorch_model", lazy_mode=True)
+        stored, read = lazy.keys(), lambda name: lazy[name].contiguous()  # (ZeRO-3's pseudo tensors gather here)
+    elif kind == "fsdp":
+        stored, read = _dcp_reader(step_dir / "pytorch_model_fsdp_0")
+    else:
+        from safetensors import safe_open
 
-        from accelerate.utils import merge_fsdp_weights
-        with tempfile.TemporaryDirectory() as tmp:
-            merge_fsdp_weights(str(step_dir / "pytorch_model_fsdp_0"), tmp, safe_serialization=True)
-            return load_file(Path(tmp) / "model.safetensors")
-    return load_file(step_dir / "model.safetensors")
+        weights = safe_open(step_dir / "model.safetensors", framework="pt")
+        stored, read = weights.keys(), weights.get_tensor
+    missing = [name for name in names if name not in stored]
+    if missing:
+        raise UserError(f"{step_dir} does not match its model: no {missing[:3]}: was it written by another toolkit "
+                        "version or for another model?")
+    for name in names:
+        yield name, read(name)
+
+
+def _dcp_reader(path: Path):
+    """(names, read) for an FSDP distributed checkpoint (accelerate saves {"model": state dict}):
+    read(name) loads that one tensor, whole, from the ranks' files. Written by hand because
+    accelerate's merge_fsdp_weights loads the whole state dict at once."""
+    import warnings
+
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    reader = dcp.FileSystemReader(str(path))
+    stored = {key.removeprefix("model."): meta for key, meta in reader.read_metadata().state_dict_metadata.items()}
+
+    def read(name: str):
+        tensor = torch.empty(stored[name].size, dtype=stored[name].properties.dtype)
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load({"model": {name: tensor}}, storage_reader=reader, no_dist=True)
+        return tensor
+
+    return stored.keys(), read
 
 
 def _nvme_state_dict(saved: Path, parameter_order: list[str]) -> dict:
-    """A ZeRO-3 checkpoint saved with NVMe optimizer offload, consolidated as `zero_to_fp32` does
-    otherwise. Its fp32 partitions are not in the optimizer files (DeepSpeed leaves them empty there)
-    but in each rank's swap files, offloaded_tensors/rank<r>/<first>_<last>.tensor.swp per optimizer
-    sub-group, named by the ZeRO ids of the sub-group's first and last parameter (their positions
-    in the model's parameter order); each file holds the rank's partition, padded for aligned I/O.
+    """A ZeRO-3 checkpoint saved with NVMe optimizer offload as zero_to_fp32's lazy state dict
+    (pseudo tensors that gather a parameter when asked). Its fp32 partitions are not in the
+    optimizer files (DeepSpeed leaves them empty there) but in each rank's swap files,
+    offloaded_tensors/rank<r>/<first>_<last>.tensor.swp per optimizer sub-group, named by the ZeRO
+    ids of the sub-group's first and last parameter (their positions in the model's parameter
+    order); each file holds the rank's partition, padded for aligned I/O, and is mapped read-only.
     Written by hand because zero_to_fp32 does not read swap files; the consolidation is its own."""
     import math
+    import warnings
 
+    import numpy as np
     import torch
     from deepspeed.utils import zero_to_fp32
 
@@ -255,31 +298,35 @@ def _nvme_state_dict(saved: Path, parameter_order: list[str]) -> dict:
             if in_files[rank][index].numel() >= numel:
                 flat_groups[rank].append(in_files[rank][index][:numel])
                 continue
-            path = folder / f"{zero_id[names[0]]}_{zero_id[names[-1]]}.tensor.swp"
+            path = folder / f"{zero_id.get(names[0])}_{zero_id.get(names[-1])}.tensor.swp"
             if not path.is_file() or path.stat().st_size < numel * 4:
                 raise UserError(f"{path} is missing or short: {saved.parent} is not a complete NVMe checkpoint of "
                                 "this model; pick another checkpoint")
-            flat_groups[rank].append(torch.from_file(str(path), size=numel, dtype=torch.float32))
-    state_dict = zero_to_fp32._get_fp32_state_dict_from_zero3_checkpoint(
+            with warnings.catch_warnings():  # torch warns that the mapping is read-only: it is only read
+                warnings.simplefilter("ignore", UserWarning)
+                flat_groups[rank].append(torch.from_numpy(np.memmap(path, np.float32, "r", shape=(numel,))))
+    return zero_to_fp32._get_fp32_state_dict_from_zero3_checkpoint(
         world_size, flat_groups, model_states, exclude_frozen_parameters=False)
-    return zero_to_fp32.to_torch_tensor(state_dict)
 
 
-def load_weights(model, state_dict: dict, source: Path) -> None:
-    """Load a full state dict; every key must fit (a tied lm_head may be absent: it is the embedding)."""
-    missing, unexpected = model.load_state_dict(state_dict, strict=False)
-    missing = [k for k in missing if not k.endswith("lm_head.weight")]
-    if missing or unexpected:
-        raise UserError(f"{source} does not match its model: missing {missing[:3]}, unexpected {unexpected[:3]}: "
-                        "was it written by another toolkit version or for another model?")
-    model.tie_weights()
+def load_weights(model, step_dir: Path) -> None:
+    """The trained weights of `step_dir` into `model` (the run's untrained model), one parameter at a time."""
+    import torch
+
+    parameters = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, tensor in trained_weights(step_dir, list(parameters)):
+            if parameters[name].shape != tensor.shape:
+                raise UserError(f"{step_dir} does not match its model: {name} is {tuple(tensor.shape)}, the model's "
+                                f"{tuple(parameters[name].shape)}: was it written for another model?")
+            parameters[name].copy_(tensor)
 
 
 def load_model(step_dir: str | Path):
     """(trained model, tokenizer, run config) on CPU from a resumable checkpoint of any strategy."""
     step_dir = Path(step_dir)
     model, tokenizer, cfg = run_model(step_dir)
-    load_weights(model, consolidated_state_dict(step_dir, model), step_dir)
+    load_weights(model, step_dir)
     return model, tokenizer, cfg
 
 

@@ -146,7 +146,7 @@ def eval_accelerator(targets: list[Target], args):
 def load_target(accelerator, target: Target, base: str | None):
     """(model, tokenizer, loads_after_prepare). A resumable checkpoint saved under the strategy
     that runs now is read shard by shard after `prepare` (no rank holds the whole model); one of
-    another strategy is consolidated on CPU first."""
+    another strategy is read into the model on CPU first, a parameter at a time."""
     from transformers import AutoTokenizer
 
     from . import checkpoint as checkpoint_lib, strategy
@@ -156,7 +156,7 @@ def load_target(accelerator, target: Target, base: str | None):
         model, tokenizer, _ = checkpoint_lib.run_model(target.path)
         sharded_here = checkpoint_lib.layout(target.path) == strategy.checkpoint_layout(accelerator) != "full"
         if not sharded_here:
-            checkpoint_lib.load_weights(model, checkpoint_lib.consolidated_state_dict(target.path, model), target.path)
+            checkpoint_lib.load_weights(model, target.path)
         return model, tokenizer, sharded_here
     try:
         tokenizer = AutoTokenizer.from_pretrained(target.path)

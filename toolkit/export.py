@@ -7,7 +7,8 @@ files; one process, no GPU):
 The directory holds safetensors shards (with Hugging Face's index), config, tokenizer, a model card
 (README.md) and export_info.json; a LoRA run's holds the adapter, and with merging also merged/, a
 full model. At the end of training all ranks gather the weights one parameter at a time
-(`export_model`), so no rank ever holds the whole model.
+(`export_model`), so no rank ever holds the whole model; offline, the checkpoint's shards are read
+one parameter at a time into a model skeleton without weights (`checkpoint.trained_weights`).
 """
 
 from __future__ import annotations
@@ -224,10 +225,16 @@ def main(argv=None) -> None:
     from . import checkpoint  # (imports torch: after the arguments, so --help answers at once)
     from .card import model_card
 
-    model, tokenizer, cfg = checkpoint.load_model(args.checkpoint)
-    step = json.loads((Path(args.checkpoint) / checkpoint.STATE_FILE).read_text())["step"]
-    card = model_card(cfg, step, Path(args.checkpoint).parent.parent / "metrics.jsonl", adapter=cfg.lora.enabled)
-    write_hf_model(model, model.named_parameters(), tokenizer, out, step, card,
+    step_dir = Path(args.checkpoint)
+    model, tokenizer, cfg = checkpoint.run_model(step_dir, empty=True)  # names the weights; holds none
+    if any(p.is_meta for p in model.parameters()):
+        weights = checkpoint.trained_weights(step_dir, [name for name, _ in model.named_parameters()])
+    else:  # a 4-bit base, built whole: its packed weights need their quantization state
+        checkpoint.load_weights(model, step_dir)
+        weights = model.named_parameters()
+    step = json.loads((step_dir / checkpoint.STATE_FILE).read_text())["step"]
+    card = model_card(cfg, step, step_dir.parent.parent / "metrics.jsonl", adapter=cfg.lora.enabled)
+    write_hf_model(model, weights, tokenizer, out, step, card,
                    merge_lora=args.merge_lora or cfg.lora.merge,
                    dtype=args.dtype or cfg.checkpoint.export_dtype,
                    max_shard_size=args.max_shard_size or cfg.checkpoint.max_shard_size)
