@@ -227,6 +227,19 @@ def test_zero2_matches_deepspeed_estimator(gpus, offload):
     assert ours["cpu_per_node_bytes"] - gpus * plan.PROCESS_BYTES == pytest.approx(expected, rel=1e-9)
 
 
+def test_deepspeeds_flattening_copy_counts_at_start_on_cpu_only(capsys):
+    """ZeRO-1/2 copy the module's weights into one flat buffer at start: on CPU both are in the one
+    memory (measured: capacity.json), on a GPU DeepSpeed does it there only when both fit and
+    otherwise flattens on the host, so it never decides whether a GPU fits. 6.7b, bf16, 16 GPUs:
+    ZeRO-2's start is its 2-byte weights, fp32 gradient partition and master."""
+    args = ("--model", "6.7b", "--num-gpus", "16", "--mixed-precision", "bf16", "--cpu-memory", "1024")
+    gpu = rows(run_json(capsys, *args, "--gpu-memory", "32"))["zero2"]
+    n = plan.count_params(plan.opt_config("6.7b"))[0]
+    assert gpu["gpu_start_bytes"] == pytest.approx(2 * n + 8 * n / 16) and gpu["fits"]
+    cpu = rows(run_json(capsys, *args, "--device", "cpu"))["zero2"]
+    assert cpu["host_start_bytes"] - plan.PROCESS_BYTES == pytest.approx(2 * n + 2 * n + 8 * n / 16)
+
+
 def test_json_has_a_row_per_accelerate_config_and_the_table_a_launch_command(capsys):
     args = ("--model", "opt-1.3b", "--num-gpus", "2", "--gpu-memory", "80", "--cpu-memory", "64")
     result = run_json(capsys, *args)

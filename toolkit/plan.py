@@ -31,9 +31,10 @@ G processes a strategy shards across:
   optimizer's swap files (12 bytes per trained parameter) into output_dir.
   ZeRO-3 and FSDP gather a working set: two decoder layers or the embeddings, weights and gradients.
   ZeRO-1/2 copy gradients into an IPG bucket to reduce them (reduce_bucket_size elements, 5e8 unless
-  the JSON says; "auto" is accelerate's hidden_size^2), and at start hold the module's weights beside
-  the flat buffer DeepSpeed copies them into. On CPU, gloo all-gathers their weights after each step
-  through a whole-model buffer of its own (NCCL gathers in place).
+  the JSON says; "auto" is accelerate's hidden_size^2). On CPU they hold the module's weights beside
+  the flat buffer DeepSpeed copies them into at start (a GPU does only when both fit: otherwise
+  DeepSpeed flattens on the host, a group at a time), and gloo all-gathers their weights after each
+  step through a whole-model buffer of its own (NCCL gathers in place).
 Host per process: the process itself (PROCESS_BYTES: Python with torch, transformers, accelerate
 and DeepSpeed loaded, measured on CPU; a CUDA context adds more, inside the headroom) and, while a
 pretrained model loads, its fp32 copy where nothing shards it at birth (single, ddp, ZeRO-1/2;
@@ -256,7 +257,8 @@ def estimate(s: Strategy, job: Job, counts: tuple[int, int, int], largest: int) 
         place(moved, opt * t / parts, at_start=moved == "cpu" and s.stage == 3)
         gather = 2 * w * unit if s.stage == 3 else 0
         if s.stage < 3:
-            place("none", w * n, in_training=False)  # the module's weights beside the flat buffer they are copied into
+            if job.device == "cpu":  # the module's weights beside the flat buffer they are copied into (on a GPU
+                place("none", w * n, in_training=False)  # only where they fit: else DeepSpeed flattens on the host)
             if moved == "cpu":
                 place("cpu", w * t / parts)  # the 16-bit copy of the stepped partition on its way to the device
             bucket = zero.get("reduce_bucket_size", DS_DEFAULTS["reduce_bucket_size"])
