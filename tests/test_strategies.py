@@ -422,3 +422,38 @@ def test_nvme_parameter_buffers_hold_the_largest_parameter(tmp_path, monkeypatch
     cfg.model.name_or_path, cfg.output_dir = model, str(tmp_path)
     strategy.zero.fill_config(SimpleNamespace(deepspeed_config=ds), cfg, num_processes=2)
     assert ds["zero_optimization"]["offload_param"]["buffer_size"] == elements
+
+
+def test_nvme_swap_files_and_a_checkpoint_must_fit_their_disk(tmp_path, monkeypatch):
+    """random-opt-2.7b, bf16, one process: 18 bytes per parameter of swap files (47.7 GB) and 12 of
+    the optimizer's copy in each checkpoint (31.8 GB), refused before any work where they can't fit
+    (this machine's 71 GB free hold the first and not both). Swap files an earlier run left are
+    overwritten, so they count as free."""
+    import shutil
+
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
+    plugin = SimpleNamespace(deepspeed_config=json.loads((ROOT / "ds_configs" / "zero3_nvme.json").read_text()))
+    cfg = RunConfig()
+    cfg.model.name_or_path, cfg.output_dir = "random-opt-2.7b", str(tmp_path)
+    strategy.zero.fill_config(plugin, cfg, num_processes=1)
+    free = {"bytes": 0}
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: SimpleNamespace(free=free["bytes"]))
+
+    def check(free_gb: float, every: int):
+        free["bytes"], cfg.checkpoint.every = free_gb * 1e9, every
+        strategy.zero.check_nvme_space(plugin, cfg, "bf16", world_size=1, local_processes=1)
+
+    with pytest.raises(UserError, match=r"needs 47\.7 GB of swap files on this node in .*nvme_offload, which has 40\.0"):
+        check(40, every=0)
+    with pytest.raises(UserError, match=r"\(47\.7 GB\) and one checkpoint's copy of the optimizer state \(31\.8 GB\) "
+                                        r"need 79\.5 GB .* 71\.0 GB free: checkpoints would fail"):
+        check(71, every=50)
+    check(71, every=0)  # no checkpoints: the swap files alone fit
+    check(80, every=50)
+    with (tmp_path / "nvme_offload" / "left.swp").open("wb") as f:  # sparse: 10 GB apparent, nothing on disk
+        f.truncate(10 * 10**9)
+    check(40, every=0)
+    with pytest.raises(UserError, match=r"needs 53\.0 GB"):  # fp32 weights: 4 bytes, not 2
+        strategy.zero.check_nvme_space(plugin, cfg, "no", world_size=1, local_processes=1)
+    # two nodes of one process each: each node's disk holds half
+    strategy.zero.check_nvme_space(plugin, cfg, "no", world_size=2, local_processes=1)

@@ -10,6 +10,7 @@ machine without a GPU, where accelerate alone silently falls back (docs/strategi
 
 from __future__ import annotations
 
+import os
 from datetime import timedelta
 
 import torch
@@ -53,6 +54,8 @@ def make_accelerator(cfg: RunConfig) -> Accelerator:
         plugin.set_deepspeed_weakref()
         patches.share_zero3_fp32_partitions()
         zero.check_fp16(plugin)
+        zero.check_nvme_space(plugin, cfg, accelerator.mixed_precision, accelerator.num_processes,
+                              int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes)))
     elif on_cpu and requested.world_size > 1:
         # Without CUDA, a MULTI_GPU/FSDP config makes each process believe it is alone. Start the
         # gloo process group as MULTI_CPU first (and, for FSDP, make accelerate see FSDP).

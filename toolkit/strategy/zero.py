@@ -71,6 +71,57 @@ def fill_config(plugin, cfg: RunConfig, num_processes: int) -> None:
             Path(section["nvme_path"]).mkdir(parents=True, exist_ok=True)
 
 
+def check_nvme_space(plugin, cfg: RunConfig, mixed_precision: str, world_size: int, local_processes: int) -> None:
+    """Before any work: NVMe offload's swap files must fit their disk, and with checkpoints on, one
+    checkpoint's copy of the optimizer's beside them; otherwise the run fails in its first step or
+    at its first checkpoint (random-opt-2.7b in bf16: 48 GB of swap files, 32 GB per checkpoint).
+    Sized as toolkit.plan sizes them, per process of this node: the 16- or 32-bit weights, and per
+    trained parameter the fp32 master, Adam's two moments and the fp32 gradient swapped out with
+    them (16 bytes), of which a checkpoint copies all but the gradient (12)."""
+    import shutil
+
+    from ..model import shape
+    from ..plan import count_params, lora_params
+
+    zero = plugin.deepspeed_config.get("zero_optimization", {})
+    paths = {key: Path(section["nvme_path"]) for key in ("offload_param", "offload_optimizer")
+             for section in [zero.get(key) or {}] if section.get("device") == "nvme"}
+    if not paths:
+        return
+    model = shape(cfg.model)
+    n = count_params(model)[0]
+    t = lora_params(model, cfg.lora.r, list(cfg.lora.target_modules)) if cfg.lora.enabled else n
+    on_node = local_processes / world_size
+    swap = {"offload_param": (2 if mixed_precision in ("bf16", "fp16") else 4) * n * on_node,
+            "offload_optimizer": 16 * t * on_node}
+
+    def disk(path: Path) -> tuple[int, list]:  # (its device, [path, bytes to hold there, bytes free])
+        existing = next(p for p in (path, *path.parents) if p.exists())  # the directory may not exist yet
+        return existing.stat().st_dev, [path, 0, shutil.disk_usage(existing).free]
+
+    needs = {}
+    for key, path in paths.items():
+        device, entry = disk(path)
+        needs.setdefault(device, entry)[1] += swap[key]
+    for path in set(paths.values()):  # swap files an earlier run of this output_dir left are overwritten
+        needs[disk(path)[0]][2] += sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    for path, need, free in needs.values():
+        if need > free:
+            raise UserError(f"NVMe offload needs {need / 1e9:.1f} GB of swap files on this node in {path}, which has "
+                            f"{free / 1e9:.1f} GB free: free space, point nvme_path in the DeepSpeed JSON to a larger "
+                            "disk, or run fewer processes per node")
+    output = Path(cfg.output_dir)
+    if cfg.checkpoint.every and "offload_optimizer" in paths:
+        checkpoint = 12 * t * on_node
+        device, entry = disk(output)
+        _, need, free = needs.get(device, entry)
+        if need + checkpoint > free:
+            raise UserError(f"NVMe offload's swap files ({need / 1e9:.1f} GB) and one checkpoint's copy of the optimizer "
+                            f"state ({checkpoint / 1e9:.1f} GB) need {(need + checkpoint) / 1e9:.1f} GB on the disk of "
+                            f"{output}, which has {free / 1e9:.1f} GB free: checkpoints would fail; free space, put "
+                            "nvme_path or output_dir on another disk, or set checkpoint.every=0")
+
+
 def check_fp16(plugin) -> None:
     from deepspeed.accelerator import get_accelerator
 
