@@ -257,8 +257,10 @@ def estimate(s: Strategy, job: Job, counts: tuple[int, int, int], largest: int) 
         place(moved, opt * t / parts, at_start=moved == "cpu" and s.stage == 3)
         gather = 2 * w * unit if s.stage == 3 else 0
         if s.stage < 3:
-            if job.device == "cpu":  # the module's weights beside the flat buffer they are copied into (on a GPU
-                place("none", w * n, in_training=False)  # only where they fit: else DeepSpeed flattens on the host)
+            if job.device == "cpu":
+                # the module's weights beside the flat buffer DeepSpeed copies them into (a GPU does that only
+                # where both fit, else DeepSpeed flattens on the host: it never decides whether a GPU fits)
+                place("none", w * n, in_training=False)
             if moved == "cpu":
                 place("cpu", w * t / parts)  # the 16-bit copy of the stepped partition on its way to the device
             bucket = zero.get("reduce_bucket_size", DS_DEFAULTS["reduce_bucket_size"])
