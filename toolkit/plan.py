@@ -31,7 +31,7 @@ G processes a strategy shards across:
   optimizer's swap files (12 bytes per trained parameter) into output_dir.
   ZeRO-3 and FSDP gather a working set: two decoder layers or the embeddings, weights and gradients.
   ZeRO-1/2 copy gradients into an IPG bucket to reduce them (reduce_bucket_size elements, 5e8 unless
-  the JSON says; "auto" is accelerate's hidden_size^2). On CPU they hold the module's weights beside
+  the JSON says; "auto" is accelerate's hidden_size^2; ZeRO-1 all-reduces a flattened copy). On CPU they hold the module's weights beside
   the flat buffer DeepSpeed copies them into at start (a GPU does only when both fit: otherwise
   DeepSpeed flattens on the host, a group at a time), and gloo all-gathers their weights after each
   step through a whole-model buffer of its own (NCCL gathers in place).
@@ -265,7 +265,8 @@ def estimate(s: Strategy, job: Job, counts: tuple[int, int, int], largest: int) 
                 place("cpu", w * t / parts)  # the 16-bit copy of the stepped partition on its way to the device
             bucket = zero.get("reduce_bucket_size", DS_DEFAULTS["reduce_bucket_size"])
             bucket = job.model["hidden_size"] ** 2 if bucket == "auto" else int(float(bucket))  # accelerate's "auto"
-            gather += w * min(bucket, t)  # the IPG bucket the gradients are copied into to be reduced
+            # the IPG bucket the gradients are copied into to be reduced; ZeRO-1 all-reduces a flattened copy of it
+            gather += w * min(bucket, t) * (2 if s.stage == 1 else 1)
             # the weights are all-gathered into the flat buffer after each step: in place with NCCL,
             # while gloo (CPU) collects the whole output in a buffer of its own first
             gather += w * n if job.device == "cpu" else 0
