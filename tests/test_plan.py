@@ -180,7 +180,8 @@ def test_the_plan_is_within_a_quarter_of_every_measured_capacity_row():
 #   the 10% headroom. DeepSpeed leaves out the process itself (PROCESS_BYTES per process here). With
 #   offload both count the offloaded states per node (the gradient partition as above); ZeRO-2's
 #   max(4 * total_gpus, 16) is the larger of every process's fp32 copy while loading and the states,
-#   as ours is, whose states add the 16-bit copy of each stepped partition (2 per node). Without offload its CPU figure is only the model loading: whole per GPU (ZeRO-2),
+#   as ours is, whose states add the 16-bit copy of each stepped partition (2 per node). Without
+#   offload its CPU figure is only the model loading: whole per GPU (ZeRO-2),
 #   one layer per GPU under zero.Init (ZeRO-3), for which we pass our largest parameter.
 def estimator_job(gpus: int, nodes: int) -> plan.Job:
     return plan.Job(name="facebook/opt-13b", model=plan.opt_config("13b"), preset=False, micro_batch=1, seq_len=1,
