@@ -3,6 +3,8 @@ the problem and the fix, a non-zero exit, no traceback through toolkit code, no 
 running, and nothing in an existing output directory changed."""
 
 import hashlib
+import os
+
 import pytest
 
 from conftest import ROOT, Job, launch, tiny_run
@@ -108,3 +110,39 @@ def test_a_silent_rank_leaves_the_error_line_to_the_main_process(monkeypatch, ca
         config_lib.run_cli(bad_config)
     assert exit_.value.code == 2 and time.perf_counter() - start >= 0.5
     assert capsys.readouterr().err == "error: rank 1: train.max_steps must be int, got 'many'\n"
+
+
+# A command's end as one rank of a launch sees it: an atexit handler (as train.log's copy registers
+# one), an object that only the interpreter's teardown would finalize, then run_cli.
+ENDING = """
+import atexit, sys
+from toolkit.config import UserError, run_cli
+atexit.register(print, "atexit handlers ran", flush=True)
+class Finalized:
+    def __del__(self):
+        print("torn down", flush=True)
+kept = Finalized()
+def main():
+    print("buffered, not flushed", end="")
+    if sys.argv[1] == "error":
+        raise UserError("data.train is missing: pass a file")
+run_cli(main)
+"""
+
+
+@pytest.mark.parametrize("world, outcome", [("2", "ok"), ("2", "error"), ("1", "ok")])
+def test_a_launched_rank_ends_without_the_interpreters_teardown(world, outcome):
+    """gloo's threads outlive destroy_process_group, and the interpreter's teardown around them once
+    aborted a rank that had finished (config.exit_process): under a launch of several processes a
+    rank ends with `_exit`, after its atexit handlers and with its output flushed, keeping its exit
+    status. A lone process ends as Python always does."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "WORLD_SIZE": world, "RANK": "0"}
+    proc = subprocess.run([sys.executable, "-c", ENDING, outcome], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert proc.returncode == (2 if outcome == "error" else 0), proc.stderr
+    assert proc.stdout.startswith("buffered, not flushedatexit handlers ran\n")
+    assert ("torn down" in proc.stdout) == (world == "1")
+    if outcome == "error":
+        assert proc.stderr == "error: data.train is missing: pass a file\n"

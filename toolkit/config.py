@@ -8,6 +8,8 @@ from the package, so every other module can import it.
 from __future__ import annotations
 
 import ast
+import atexit
+import ctypes
 import dataclasses
 import difflib
 import os
@@ -37,15 +39,16 @@ def run_cli(main) -> None:
     not once per process) and exit status 2, with no traceback; so does losing another rank."""
     try:
         main()
+        status = 0
     except UserError as e:
         if int(os.environ.get("RANK", "0")) == 0 or getattr(e, "print_here", False):
             print(f"error: {e}", file=sys.stderr)
         else:
             let_the_speaker_exit_first(e)
-        raise SystemExit(2) from None
+        status = 2
     except PeerStopped:
         let_the_speaker_exit_first(None)
-        raise SystemExit(2) from None
+        status = 2
     except RuntimeError as e:
         # torch.distributed's errors when a peer died or stalled past train.collective_timeout
         if not (type(e).__name__.startswith("Dist") or "gloo" in str(e) or "NCCL" in str(e)):
@@ -53,7 +56,29 @@ def run_cli(main) -> None:
         print(f"error: rank {os.environ.get('RANK', '0')} lost contact with another rank, which died or stalled "
               f"past train.collective_timeout ({str(e).strip().splitlines()[-1][:200]}): see that rank's output "
               "above; resume=auto continues from the last checkpoint", file=sys.stderr)
-        raise SystemExit(3) from None
+        status = 3
+    exit_process(status)
+
+
+def exit_process(status: int) -> None:
+    """End this process with `status`. A worker of a multi-process launch runs its atexit handlers,
+    flushes its output and skips the interpreter's teardown.
+
+    Why: torch's gloo process groups keep their threads after `destroy_process_group` (an hsdp run
+    ends with 5 gloo event loops and 10 gloo workers alive on every rank: torch's own caches still
+    reference the device meshes), so the interpreter is torn down around running C++ threads while
+    the other ranks close their sockets. A rank that had trained and saved was aborted there once
+    ("terminate called without an active exception", exit -6: the launcher reported the job
+    failed). With `_exit` the kernel stops those threads, and nothing runs beside them."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        if status:
+            raise SystemExit(status)
+        return
+    atexit._run_exitfuncs()  # what a normal exit runs first: train.log's copy is completed there
+    sys.stdout.flush()
+    sys.stderr.flush()
+    ctypes.CDLL(None).fflush(None)  # and C's buffered streams, which only a normal exit flushes
+    os._exit(status)
 
 
 SPEAKER_GRACE_SECONDS = 10.0
