@@ -375,6 +375,8 @@ def main(argv=None) -> None:
                                  "with --json, their rows replace those of the results already in that file")
     args, mode, work = whole_run_args(argv, __doc__.splitlines()[0], "fewer, shorter turns: a few minutes", "speed",
                                       "toolkit-bench-", only_strategies)
+    if args.strategies and args.json and not args.json.exists():  # checked before minutes of turns, not after
+        raise SystemExit(f"--json {args.json}: no results to put the strategy rows in; run without --strategies first")
     bench = Bench(mode, work)
     started = time.time()
     bench.prepare()
