@@ -81,7 +81,7 @@ def exit_process(status: int) -> None:
     os._exit(status)
 
 
-SPEAKER_GRACE_SECONDS = 10.0
+SPEAKER_GRACE_SECONDS = 30.0  # 10 ran out once in CI before the launcher ended the rank (both ranks spoke)
 
 
 def let_the_speaker_exit_first(error: UserError | None) -> None:
