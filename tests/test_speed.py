@@ -2,6 +2,10 @@
 head + loss, packed SFT rows, and the CPU thread share. (Its speed is measured in benchmarks/.)"""
 
 import copy
+import ctypes.util
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -112,6 +116,39 @@ def test_each_process_computes_with_its_share_of_the_cores(env, asked, expected,
         assert torch.get_num_threads() == expected[0]
     finally:
         torch.set_num_threads(before)
+
+
+REUSE_PROBE = """
+import os, sys, torch
+from toolkit import cpu
+print(cpu.tune_cpu_allocator(shards_parameters=sys.argv[1] == "sharded")["cpu_allocator"])
+resident = lambda: int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+block = torch.empty(7_000_000).fill_(1.0)  # 28 MB: a gathered layer of random-opt-125m
+before = resident()
+del block
+print(before - resident())  # what freeing it gave back to the OS
+"""
+
+
+def jemalloc() -> str:
+    found = ctypes.util.find_library("jemalloc")
+    if not found:
+        if os.environ.get("CI"):
+            pytest.fail("libjemalloc2 is not installed: `make setup` installs it as root")  # a set-up bug in CI
+        pytest.skip("libjemalloc2 is not installed (apt install libjemalloc2)")
+    return found
+
+
+@pytest.mark.parametrize("allocator, strategy, kept", [
+    ("glibc", "whole", True), ("glibc", "sharded", False), ("jemalloc", "sharded", True)])
+def test_the_allocator_keeps_or_returns_big_freed_blocks_as_the_strategy_needs(allocator, strategy, kept):
+    """Kept: the freed block stays resident for the next step to reuse; returned: the OS has its 28 MB back."""
+    env = dict(os.environ, LD_PRELOAD=jemalloc()) if allocator == "jemalloc" else dict(os.environ)
+    out = subprocess.run([sys.executable, "-c", REUSE_PROBE, strategy], env=env, capture_output=True, text=True,
+                         check=True).stdout.split("\n")
+    setting, returned = out[0], int(out[1])
+    assert setting.startswith("jemalloc") == (allocator == "jemalloc")
+    assert (returned < 2e6) if kept else (returned > 26e6), (setting, returned)
 
 
 class LargestTensor(TorchDispatchMode):

@@ -1,5 +1,5 @@
-"""How a process uses the CPU it runs on: its share of the cores, and what glibc does with freed
-memory. Nothing here is distributed; on a GPU machine it changes nothing."""
+"""How a process uses the CPU it runs on: its share of the cores, and what its allocator (glibc's, or
+a preloaded jemalloc) does with freed memory. Nothing here is distributed; on a GPU machine it changes nothing."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def use_cpu_share(requested: int = 0) -> dict:
 
 
 def tune_cpu_allocator(shards_parameters: bool) -> dict:
-    """How glibc treats large freed blocks on CPU, chosen by what the strategy is for.
+    """How the allocator treats large freed blocks on CPU, chosen by what the strategy is for.
 
     By default glibc returns blocks above a moving threshold (up to 32 MB) to the OS, and the next
     step faults the same sizes in again page by page: the logits, the embedding's gradient, ...
@@ -40,9 +40,17 @@ def tune_cpu_allocator(shards_parameters: bool) -> dict:
     and freed: blocks over 128 KiB (glibc's initial threshold, kept fixed) go back to the OS at
     once, so a rank holds its shard and the layer at work, not the high-water mark of every
     transient (random-opt-125m, ZeRO-3, 2 ranks: 1.25 GB resident for 1.17 GB of model-state
-    tensors; 2.0 GB with glibc's moving threshold, 2.9 GB with the heap kept)."""
+    tensors; 2.0 GB with glibc's moving threshold, 2.9 GB with the heap kept). A launch that
+    preloads jemalloc gets the faster middle way of `keep_big_blocks`."""
     if torch.cuda.is_available():
         return {}
+    if jemalloc_loaded():
+        if not shards_parameters:
+            return {"cpu_allocator": "jemalloc"}
+        try:
+            return {"cpu_allocator": f"jemalloc, keeps blocks over {keep_big_blocks() / 2**20:g} MiB"}
+        except OSError as refused:  # a jemalloc before 5.2, or a MALLOC_CONF without that arena: as it is
+            return {"cpu_allocator": f"jemalloc ({refused})"}
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
@@ -56,9 +64,48 @@ def tune_cpu_allocator(shards_parameters: bool) -> dict:
     return {"cpu_allocator": "keep freed blocks"}
 
 
+def jemalloc_loaded() -> bool:
+    """Whether this process allocates with jemalloc (`LD_PRELOAD=.../libjemalloc.so.2` at launch)."""
+    return hasattr(ctypes.CDLL(None), "mallctl")
+
+
+def _mallctl(name: str, read=None, write=None):
+    """jemalloc's control interface: read a value of ctypes type `read`, or write the ctypes value `write`."""
+    old, old_size = (read(), ctypes.c_size_t(ctypes.sizeof(read))) if read else (None, None)
+    new_size = ctypes.sizeof(write) if write is not None else 0
+    pointer = lambda value: None if value is None else ctypes.byref(value)  # noqa: E731
+    if ctypes.CDLL(None).mallctl(name.encode(), pointer(old), pointer(old_size), pointer(write),
+                                 ctypes.c_size_t(new_size)):
+        raise OSError(f"jemalloc refused mallctl {name!r}")
+    return old.value if read else None
+
+
+def keep_big_blocks() -> int:
+    """Under jemalloc, keep the freed blocks too big for its ordinary arenas; returns that size.
+
+    jemalloc serves blocks over `opt.oversize_threshold` (8 MiB) from an arena of their own, created on
+    first use, that returns them to the OS at once ("less immediate reuse is expected" of them); its
+    other arenas reuse what is freed and return it over a 10 s decay, without glibc's fragmentation.
+    Under FSDP and ZeRO-3 the big blocks are the same every step (each gathered layer, its gradients,
+    the logits chunk), so that arena keeps them: random-opt-125m, 2 ranks, in turns with DDP, fsdp
+    0.82x and zero3 0.70x of its tokens/s (0.58x and 0.55x with glibc returning blocks); at
+    random-opt-350m 3.67 and 3.62 GB per rank in training (3.33 and 3.44). jemalloc has no setting
+    for that arena alone, hence the arena is created here and then told never to decay."""
+    threshold = _mallctl("opt.oversize_threshold", read=ctypes.c_size_t)
+    if not threshold:
+        raise OSError("no arena for big blocks: MALLOC_CONF oversize_threshold:0")
+    big_blocks_arena = _mallctl("opt.narenas", read=ctypes.c_uint)  # its index: after the automatic ones
+    torch.empty(threshold + 1, dtype=torch.uint8)  # allocated and freed: creates that arena
+    _mallctl(f"arena.{big_blocks_arena}.dirty_decay_ms", write=ctypes.c_ssize_t(-1))  # -1: never
+    return threshold
+
+
 def release_freed_memory() -> None:
     """Give back what building, loading and sharding freed (a whole model's worth under ZeRO-3),
     before the loop."""
+    if jemalloc_loaded():
+        _mallctl("arena.4096.purge")  # 4096: MALLCTL_ARENAS_ALL
+        return
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
