@@ -53,8 +53,8 @@ def cores() -> int:
 
 
 class Bench:
-    def __init__(self, mode: str, work: Path):
-        self.mode, self.work = MODES[mode], work
+    def __init__(self, mode: str, work: Path, preload: str | None = None):
+        self.mode, self.work, self.preload = MODES[mode], work, preload
         self.logs = work / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
         self.runs = 0
@@ -89,6 +89,8 @@ class Bench:
                "--main_process_port", str(free_port()), *program]
         env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
                    PYTHONPATH=str(ROOT))
+        if self.preload and config != "ddp":  # the strategy's launch only: DDP as shipped, with glibc
+            env["LD_PRELOAD"] = self.preload
         with log.open("w") as out:
             return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
                                     start_new_session=True), log
@@ -373,11 +375,16 @@ def main(argv=None) -> None:
         parser.add_argument("--strategies", nargs="+", metavar="CONFIG",
                             help="only the strategy table, for these accelerate configs (each in turns with DDP); "
                                  "with --json, their rows replace those of the results already in that file")
+        parser.add_argument("--preload", metavar="LIB",
+                            help="with --strategies: LD_PRELOAD this allocator (libjemalloc.so.2) in the "
+                                 "strategies' launches, not in DDP's")
     args, mode, work = whole_run_args(argv, __doc__.splitlines()[0], "fewer, shorter turns: a few minutes", "speed",
                                       "toolkit-bench-", only_strategies)
     if args.strategies and args.json and not args.json.exists():  # checked before minutes of turns, not after
         raise SystemExit(f"--json {args.json}: no results to put the strategy rows in; run without --strategies first")
-    bench = Bench(mode, work)
+    if args.preload and not args.strategies:
+        raise SystemExit("--preload is for the strategy table: give --strategies too")
+    bench = Bench(mode, work, args.preload)
     started = time.time()
     bench.prepare()
     command = " ".join([Path(sys.executable).name, *sys.argv])
