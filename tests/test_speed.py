@@ -140,7 +140,7 @@ def jemalloc() -> str:
 
 
 @pytest.mark.parametrize("allocator, strategy, kept", [
-    ("glibc", "whole", True), ("glibc", "sharded", False), ("jemalloc", "sharded", True)])
+    ("glibc", "whole", True), ("glibc", "sharded", False), ("jemalloc", "whole", True), ("jemalloc", "sharded", True)])
 def test_the_allocator_keeps_or_returns_big_freed_blocks_as_the_strategy_needs(allocator, strategy, kept):
     """Kept: the freed block stays resident for the next step to reuse; returned: the OS has its 28 MB back."""
     env = dict(os.environ, LD_PRELOAD=jemalloc()) if allocator == "jemalloc" else dict(os.environ)

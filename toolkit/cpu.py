@@ -41,16 +41,16 @@ def tune_cpu_allocator(shards_parameters: bool) -> dict:
     once, so a rank holds its shard and the layer at work, not the high-water mark of every
     transient (random-opt-125m, ZeRO-3, 2 ranks: 1.25 GB resident for 1.17 GB of model-state
     tensors; 2.0 GB with glibc's moving threshold, 2.9 GB with the heap kept). A launch that
-    preloads jemalloc gets the faster middle way of `keep_big_blocks`."""
+    preloads jemalloc keeps blocks without glibc's fragmentation: `keep_freed_blocks`."""
     if torch.cuda.is_available():
         return {}
     if jemalloc_loaded():
-        if not shards_parameters:
-            return {"cpu_allocator": "jemalloc"}
         try:
-            return {"cpu_allocator": f"jemalloc, keeps blocks over {keep_big_blocks() / 2**20:g} MiB"}
+            threshold = keep_freed_blocks(big_only=shards_parameters)
         except OSError as refused:  # a jemalloc before 5.2, or a MALLOC_CONF without that arena: as it is
             return {"cpu_allocator": f"jemalloc ({refused})"}
+        return {"cpu_allocator": "jemalloc, keeps freed blocks"
+                                 + (f" over {threshold / 2**20:g} MiB" if shards_parameters else "")}
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
@@ -80,23 +80,33 @@ def _mallctl(name: str, read=None, write=None):
     return old.value if read else None
 
 
-def keep_big_blocks() -> int:
-    """Under jemalloc, keep the freed blocks too big for its ordinary arenas; returns that size.
+def keep_freed_blocks(big_only: bool) -> int:
+    """Under jemalloc, keep freed blocks for reuse: all of them, or (`big_only`) those too big for its
+    ordinary arenas. Returns that size.
 
     jemalloc serves blocks over `opt.oversize_threshold` (8 MiB) from an arena of their own, created on
     first use, that returns them to the OS at once ("less immediate reuse is expected" of them); its
-    other arenas reuse what is freed and return it over a 10 s decay, without glibc's fragmentation.
-    Under FSDP and ZeRO-3 the big blocks are the same every step (each gathered layer, its gradients,
-    the logits chunk), so that arena keeps them: random-opt-125m, 2 ranks, in turns with DDP, fsdp
-    0.82x and zero3 0.70x of its tokens/s (0.58x and 0.55x with glibc returning blocks); at
-    random-opt-350m 3.67 and 3.62 GB per rank in training (3.33 and 3.44). jemalloc has no setting
-    for that arena alone, hence the arena is created here and then told never to decay."""
+    other arenas return what is freed over a 10 s decay. Where every rank holds the whole model, the
+    working set is the same every step and every arena keeps it, as glibc is told to above but
+    without glibc's fragmentation (random-opt-125m, 2 ranks, in turns with DDP under glibc: DDP 1.03x,
+    ZeRO-2 0.88x against 0.69x under glibc). Under FSDP and ZeRO-3 the big blocks are the same every
+    step (each gathered layer, its gradients, the logits chunk), so that arena keeps them while smaller
+    blocks still go back: fsdp 0.82x and zero3 0.70x of DDP's tokens/s (0.58x and 0.55x with glibc
+    returning blocks); at random-opt-350m 3.67 and 3.62 GB per rank in training (3.33 and 3.44).
+    MALLOC_CONF sets every arena alike, hence the arena is created here and then told never to decay."""
     threshold = _mallctl("opt.oversize_threshold", read=ctypes.c_size_t)
     if not threshold:
         raise OSError("no arena for big blocks: MALLOC_CONF oversize_threshold:0")
     big_blocks_arena = _mallctl("opt.narenas", read=ctypes.c_uint)  # its index: after the automatic ones
     torch.empty(threshold + 1, dtype=torch.uint8)  # allocated and freed: creates that arena
-    _mallctl(f"arena.{big_blocks_arena}.dirty_decay_ms", write=ctypes.c_ssize_t(-1))  # -1: never
+    never = ctypes.c_ssize_t(-1)
+    if not big_only:
+        _mallctl("arenas.dirty_decay_ms", write=never)  # the arenas created from now on
+    for arena in [big_blocks_arena] if big_only else range(big_blocks_arena + 1):
+        try:
+            _mallctl(f"arena.{arena}.dirty_decay_ms", write=never)
+        except OSError:
+            assert not big_only  # an automatic arena not created yet: it will be, with the default above
     return threshold
 
 
