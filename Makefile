@@ -23,7 +23,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt Makefile
 		$(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
 	# NVMe offload (zero3_nvme) needs DeepSpeed's async_io op, which builds against libaio; the Slurm
 	# tests start a 2-node cluster on this host from Debian's slurm-wlm and munge (run as root);
-	# jemalloc is the allocator FSDP and ZeRO-3 launches on CPU may preload (docs/strategies.md).
+	# jemalloc is the allocator a launch on CPU may preload (docs/strategies.md).
 	dpkg -s libaio-dev slurm-wlm munge libjemalloc2 >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libaio-dev slurm-wlm munge libjemalloc2 >/dev/null; } || \
 		echo "note: not root: libaio-dev (NVMe offload), slurm-wlm and munge (tests/test_slurm.py), libjemalloc2 not installed"
