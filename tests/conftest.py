@@ -135,6 +135,18 @@ def launch(module: str, args: list[str], config: str | None = "single", extra: l
     return proc
 
 
+def jemalloc_library() -> str:
+    """The jemalloc to preload (`LD_PRELOAD`): a launch on CPU may, docs/strategies.md."""
+    import ctypes.util
+
+    found = ctypes.util.find_library("jemalloc")
+    if not found:
+        if os.environ.get("CI"):
+            pytest.fail("libjemalloc2 is not installed: `make setup` installs it as root")  # a set-up bug in CI
+        pytest.skip("libjemalloc2 is not installed (apt install libjemalloc2)")
+    return found
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

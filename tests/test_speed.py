@@ -2,7 +2,6 @@
 head + loss, packed SFT rows, and the CPU thread share. (Its speed is measured in benchmarks/.)"""
 
 import copy
-import ctypes.util
 import os
 import subprocess
 import sys
@@ -11,7 +10,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from conftest import fake_accelerator, tiny_opt
+from conftest import fake_accelerator, jemalloc_library, tiny_opt
 from toolkit import cpu, loss as loss_lib
 from toolkit.data import IGNORE, Collator, _pack_examples
 from toolkit.measure import count_tokens
@@ -130,20 +129,11 @@ print(before - resident())  # what freeing it gave back to the OS
 """
 
 
-def jemalloc() -> str:
-    found = ctypes.util.find_library("jemalloc")
-    if not found:
-        if os.environ.get("CI"):
-            pytest.fail("libjemalloc2 is not installed: `make setup` installs it as root")  # a set-up bug in CI
-        pytest.skip("libjemalloc2 is not installed (apt install libjemalloc2)")
-    return found
-
-
 @pytest.mark.parametrize("allocator, strategy, kept", [
     ("glibc", "whole", True), ("glibc", "sharded", False), ("jemalloc", "whole", True), ("jemalloc", "sharded", True)])
 def test_the_allocator_keeps_or_returns_big_freed_blocks_as_the_strategy_needs(allocator, strategy, kept):
     """Kept: the freed block stays resident for the next step to reuse; returned: the OS has its 28 MB back."""
-    env = dict(os.environ, LD_PRELOAD=jemalloc()) if allocator == "jemalloc" else dict(os.environ)
+    env = dict(os.environ, LD_PRELOAD=jemalloc_library()) if allocator == "jemalloc" else dict(os.environ)
     out = subprocess.run([sys.executable, "-c", REUSE_PROBE, strategy], env=env, capture_output=True, text=True,
                          check=True).stdout.split("\n")
     setting, returned = out[0], int(out[1])

@@ -14,7 +14,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import ACCELERATE_CONFIGS, ROOT, environment, free_port, launch, metrics, runtime, tiny_run
+from conftest import (ACCELERATE_CONFIGS, ROOT, environment, free_port, jemalloc_library, launch, metrics, runtime,
+                      tiny_run)
 from toolkit import export, strategy
 from toolkit.config import RunConfig, UserError
 
@@ -149,6 +150,20 @@ def test_hsdp_trains_resumes_and_exports_like_ddp(text_data, tmp_path):
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-3), a["step"]
     export.main(["--checkpoint", str(out / "checkpoints" / "step-000004"), "--out", str(tmp_path / "exported")])
     assert_same_weights(ddp / "final", out / "final", tmp_path / "exported")
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("name, setting", [("zero2", "jemalloc, keeps freed blocks"),  # every rank holds the model
+                                           ("fsdp", "jemalloc, keeps freed blocks over 8 MiB")])  # opt.oversize_threshold
+def test_a_launch_preloading_jemalloc_sets_it_for_its_strategy_and_trains_like_ddp(name, setting, ddp_run, text_data,
+                                                                                 tmp_path):
+    """The allocator moves speed and memory, never the numbers."""
+    out = tmp_path / name
+    launch("toolkit.train", tiny_run(text_data, out, **ARGS), config=name, extra=["--mixed_precision", "no"],
+           env={"LD_PRELOAD": jemalloc_library()})
+    assert runtime(out)["cpu_allocator"] == setting
+    for a, b in zip(metrics(ddp_run)[0], metrics(out)[0], strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=LOSS_RTOL), a["step"]
 
 
 def assert_same_weights(reference_dir: Path, *dirs: Path, atol: float = WEIGHT_ATOL) -> None:
