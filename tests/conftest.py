@@ -136,7 +136,7 @@ def launch(module: str, args: list[str], config: str | None = "single", extra: l
 
 
 def jemalloc_library() -> str:
-    """The jemalloc to preload (`LD_PRELOAD`): a launch on CPU may, docs/strategies.md."""
+    """The jemalloc a CPU launch may preload (`LD_PRELOAD`, docs/strategies.md); CI must have it."""
     import ctypes.util
 
     found = ctypes.util.find_library("jemalloc")
