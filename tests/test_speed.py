@@ -120,7 +120,8 @@ def test_each_process_computes_with_its_share_of_the_cores(env, asked, expected,
 REUSE_PROBE = """
 import os, sys, torch
 from toolkit import cpu
-print(cpu.tune_cpu_allocator(shards_parameters=sys.argv[1] == "sharded")["cpu_allocator"])
+sharded = sys.argv[1] == "sharded"
+print({**cpu.tune_cpu_allocator(sharded), **cpu.release_freed_memory(sharded)}["cpu_allocator"])  # as train.py
 resident = lambda: int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 block = torch.empty(7_000_000).fill_(1.0)  # 28 MB: a gathered layer of random-opt-125m
 before = resident()
