@@ -121,7 +121,7 @@ REUSE_PROBE = """
 import os, sys, torch
 from toolkit import cpu
 sharded = sys.argv[1] == "sharded"
-print({**cpu.tune_cpu_allocator(sharded), **cpu.release_freed_memory(sharded)}["cpu_allocator"])  # as train.py
+print({**cpu.tune_cpu_allocator(sharded), **cpu.allocator_for_the_loop(sharded)}["cpu_allocator"])  # as train.py
 resident = lambda: int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 block = torch.empty(7_000_000).fill_(1.0)  # 28 MB: a gathered layer of random-opt-125m
 before = resident()

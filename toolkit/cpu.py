@@ -42,7 +42,7 @@ def tune_cpu_allocator(shards_parameters: bool) -> dict:
     transient (random-opt-125m, ZeRO-3, 2 ranks: 1.25 GB resident for 1.17 GB of model-state
     tensors; 2.0 GB with glibc's moving threshold, 2.9 GB with the heap kept). A launch that
     preloads jemalloc keeps blocks without glibc's fragmentation, set once the model is built:
-    `release_freed_memory`."""
+    `allocator_for_the_loop`."""
     if torch.cuda.is_available() or jemalloc_loaded():
         return {}
     try:
@@ -106,10 +106,10 @@ def keep_freed_blocks(big_only: bool) -> int:
     return threshold
 
 
-def release_freed_memory(shards_parameters: bool) -> dict:
-    """Before the loop, give back what building, loading and sharding freed (a whole model's worth under
-    ZeRO-3). Under jemalloc, from then on keep freed blocks for the loop (`keep_freed_blocks`), and say
-    so (`runtime.cpu_allocator`): kept only from here, since while a model is built its blocks are freed
+def allocator_for_the_loop(shards_parameters: bool) -> dict:
+    """Right before the loop: give back what building, loading and sharding freed (a whole model's worth
+    under ZeRO-3). Under jemalloc, from then on keep freed blocks for the loop (`keep_freed_blocks`), and
+    say so (`runtime.cpu_allocator`): kept only from here, since while a model is built its blocks are freed
     once and never asked for again (random-opt-1.3b, ZeRO-3 + 8-bit Adam, 2 ranks: 9.0 GB per rank at
     start when kept from the launch on, 6.2 when kept from here, as under glibc)."""
     if not jemalloc_loaded():

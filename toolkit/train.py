@@ -136,7 +136,7 @@ def run(cfg: RunConfig, accelerator, stop, console) -> None:
         checkpoint.resume(accelerator, resume_from, quantized_base=cfg.lora.quantize != "none")  # all ranks
         accelerator.print(f"resumed from {resume_from} at step {state['step']}")
     if cpu:
-        cfg.runtime.update(cpu_lib.release_freed_memory(strategy.shards_parameters(accelerator)))
+        cfg.runtime.update(cpu_lib.allocator_for_the_loop(strategy.shards_parameters(accelerator)))
     memory.mark("prepared")
     cfg.runtime["memory_at_start_gb"] = memory.per_rank(accelerator)  # all ranks
     with job.stop_together(accelerator):
