@@ -73,8 +73,8 @@ def run(cfg: RunConfig, accelerator, stop, console) -> None:
     from .optim import build_optimizer, build_scheduler
 
     out = Path(cfg.output_dir)
-    cpu = {**cpu_lib.use_cpu_share(cfg.train.cpu_threads),
-           **cpu_lib.tune_cpu_allocator(strategy.shards_parameters(accelerator))}
+    shards_parameters = strategy.shards_parameters(accelerator)  # what the CPU allocator keeps depends on it
+    cpu = {**cpu_lib.use_cpu_share(cfg.train.cpu_threads), **cpu_lib.tune_cpu_allocator(shards_parameters)}
     state = {"step": 0, "epoch": 0, "batch": 0, "tokens": 0}
     resume_from = checkpoint.find_resume(cfg.resume, out)
     if resume_from is not None:  # refuse a checkpoint that would train something else before any work
@@ -136,7 +136,7 @@ def run(cfg: RunConfig, accelerator, stop, console) -> None:
         checkpoint.resume(accelerator, resume_from, quantized_base=cfg.lora.quantize != "none")  # all ranks
         accelerator.print(f"resumed from {resume_from} at step {state['step']}")
     if cpu:
-        cfg.runtime.update(cpu_lib.allocator_for_the_loop(strategy.shards_parameters(accelerator)))
+        cfg.runtime.update(cpu_lib.allocator_for_the_loop(shards_parameters))
     memory.mark("prepared")
     cfg.runtime["memory_at_start_gb"] = memory.per_rank(accelerator)  # all ranks
     with job.stop_together(accelerator):
