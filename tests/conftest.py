@@ -72,7 +72,11 @@ def in_a_process_group_of_one(code: str) -> str:
         import deepspeed, torch
         deepspeed.init_distributed(dist_backend="gloo")
     """
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(setup) + textwrap.dedent(code)], cwd=ROOT,
+    # ended as a launched rank ends (config.exit_process): the teardown around gloo's threads aborted
+    # this process once in CI, after it had printed everything
+    ending = "from toolkit.config import exit_process\nexit_process(0)\n"
+    script = textwrap.dedent(setup) + textwrap.dedent(code) + ending
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT,
                           env=environment(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout

@@ -61,8 +61,9 @@ def run_cli(main) -> None:
 
 
 def exit_process(status: int) -> None:
-    """End this process with `status`. A worker of a multi-process launch runs its atexit handlers,
-    flushes its output and skips the interpreter's teardown.
+    """End this process with `status`. A process started by a launcher (WORLD_SIZE set, even to 1:
+    a one-process DeepSpeed launch has a gloo group too) runs its atexit handlers, flushes its
+    output and skips the interpreter's teardown.
 
     Why: torch's gloo process groups keep their threads after `destroy_process_group` (an hsdp run
     ends with 5 gloo event loops and 10 gloo workers alive on every rank: torch's own caches still
@@ -70,7 +71,7 @@ def exit_process(status: int) -> None:
     the other ranks close their sockets. A rank that had trained and saved was aborted there once
     ("terminate called without an active exception", exit -6: the launcher reported the job
     failed). With `_exit` the kernel stops those threads, and nothing runs beside them."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if "WORLD_SIZE" not in os.environ:
         if status:
             raise SystemExit(status)
         return
